@@ -1,0 +1,13 @@
+//! macrescue's restore agent as a library: everything the `restore-agent` binary does, layered
+//! as described in `ARCHITECTURE.md` at the repository root.
+//!
+//! Protocol modules (`identity`, `dfu`, `recovery`, `manifest`, `bootchain::plan`) are sans-IO:
+//! they never touch USB themselves. Only `usb::rusb_edge` talks to libusb, and only
+//! `bootchain::driver` executes plans against a [`usb::UsbTransport`].
+
+pub mod bootchain;
+pub mod dfu;
+pub mod identity;
+pub mod manifest;
+pub mod recovery;
+pub mod usb;

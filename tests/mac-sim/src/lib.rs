@@ -1,0 +1,7 @@
+//! A simulated Apple Silicon Mac for macrescue's tests.
+//!
+//! It implements the device side of DFU, Port DFU and the iBoot recovery protocol on its own,
+//! from `shared/docs/protocol.md`, and deliberately shares no code with `restore-agent`: a
+//! misunderstanding of the protocol in one must not be mirrored in the other.
+
+pub mod wire;
