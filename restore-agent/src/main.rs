@@ -1,3 +1,55 @@
+//! `restore-agent`: the command-line edge. Parses arguments, sets up logging, and hands off to
+//! the library. `anyhow` lives here and nowhere else.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "restore-agent",
+    version,
+    about = "Revive or restore an Apple Silicon Mac over USB"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List connected Apple devices (mode, model, board, ECID, nonces).
+    Devices(cmd::devices::Args),
+    /// Identify a Mac from its USB serial string, without a device.
+    Identify(cmd::identify::Args),
+    /// Walk a Mac from DFU through iBSS and iBEC to `bootx`, using already-personalized images.
+    Bootchain(cmd::bootchain::Args),
+}
+
 fn main() -> anyhow::Result<()> {
-    Ok(())
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Devices(a) => cmd::devices::run(a),
+        Command::Identify(a) => cmd::identify::run(a),
+        Command::Bootchain(a) => cmd::bootchain::run(a),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod bootchain;
+pub mod devices;
+pub mod identify;
