@@ -4,5 +4,6 @@
 //! from `shared/docs/protocol.md`, and deliberately shares no code with `restore-agent`: a
 //! misunderstanding of the protocol in one must not be mirrored in the other.
 
+pub mod board;
 pub mod usbip;
 pub mod wire;
