@@ -137,7 +137,7 @@ mod tests {
         assert!(v.get("ap_nonce_tss").is_none());
         assert_eq!(
             v["message"],
-            "Mac mini (M1, 2020) (Macmini9,1, j274ap) is in DFU mode: ready"
+            "Mac mini (M1, 2020) [Macmini9,1, j274ap] is in DFU mode: ready"
         );
     }
 

@@ -93,7 +93,7 @@ impl Situation {
 }
 
 fn who(m: &MacModel) -> String {
-    format!("{} ({}, {})", m.name, m.product_type, m.board_config)
+    format!("{} [{}, {}]", m.name, m.product_type, m.board_config)
 }
 
 impl fmt::Display for Situation {
@@ -102,15 +102,15 @@ impl fmt::Display for Situation {
             Situation::MacInDfu(m) => write!(f, "{} is in DFU mode: ready", who(m)),
             Situation::MacInRecovery(m) => write!(
                 f,
-                "the Mac ({}) is in Recovery, not DFU (expected only while macrescue is loading \
+                "the Mac is in Recovery, not DFU ({}; expected only while macrescue is loading \
                  iBSS/iBEC): to start a restore, {ENTER_DFU_HOWTO}",
                 who(m)
             ),
             Situation::MacInPortDfu(m) => write!(
                 f,
-                "the USB-C port controller of the Mac ({}) is in Port DFU (05ac:f014), not the \
-                 Mac itself: its port firmware must be restored first, after which the Mac \
-                 shows up in DFU; if you meant to put the Mac in DFU, {ENTER_DFU_HOWTO}",
+                "the Mac's USB-C port controller is in Port DFU (05ac:f014), not the Mac itself \
+                 ({}): its port firmware must be restored first, after which the Mac shows up \
+                 in DFU; if you meant to put the Mac in DFU, {ENTER_DFU_HOWTO}",
                 who(m)
             ),
             Situation::Mac(m) => write!(f, "{} (mode unknown)", who(m)),
@@ -171,7 +171,7 @@ mod tests {
         assert!(s.is_ready() && s.is_known_mac());
         assert_eq!(
             s.to_string(),
-            "MacBook Air (M2, 2022) (Mac14,2, j413ap) is in DFU mode: ready"
+            "MacBook Air (M2, 2022) [Mac14,2, j413ap] is in DFU mode: ready"
         );
 
         let s = id(Some(AppleMode::Recovery), "CPID:8112 BDID:28");
@@ -179,7 +179,7 @@ mod tests {
         assert!(!s.is_ready() && s.is_known_mac());
         let text = s.to_string();
         assert!(
-            text.starts_with("the Mac (MacBook Air (M2, 2022)"),
+            text.starts_with("the Mac is in Recovery, not DFU (MacBook Air (M2, 2022) [Mac14,2"),
             "{text}"
         );
         assert!(text.contains("in Recovery, not DFU"), "{text}");
