@@ -49,7 +49,7 @@ fn shared() -> PathBuf {
 
 fn seeds(dir: &str) -> Vec<Vec<u8>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
+        .join("../fuzz/seeds")
         .join(dir);
     let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
