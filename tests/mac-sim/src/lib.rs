@@ -5,5 +5,12 @@
 //! misunderstanding of the protocol in one must not be mirrored in the other.
 
 pub mod board;
+pub mod descriptors;
+pub mod device;
+pub mod dfu;
+pub mod faults;
+pub mod iboot;
+pub mod images;
+pub mod inproc;
 pub mod usbip;
 pub mod wire;
