@@ -5,5 +5,9 @@
 //! misunderstanding of the protocol in one must not be mirrored in the other.
 
 pub mod board;
+pub mod faults;
+pub mod iboot;
+pub mod images;
+pub mod img4;
 pub mod usbip;
 pub mod wire;
