@@ -282,7 +282,7 @@ impl Iboot {
     }
 
     pub fn bulk_in(&mut self, endpoint: u8, max_len: usize) -> Reply {
-        if endpoint != EP_CONSOLE || self.finished && self.console.is_empty() {
+        if endpoint != EP_CONSOLE {
             return Reply::Stall;
         }
         if self.console.is_empty() {
