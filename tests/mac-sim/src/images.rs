@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha384};
 
 use crate::board::{Board, Component};
 use crate::img4::{self, FourCc, Img4};
@@ -324,9 +324,21 @@ pub fn verify_image(
     })
 }
 
-/// What the SecureROM accepts over DFU: a personalized `ibss` image for this board.
+/// The 12 fixed bytes of the DFU suffix a host appends to the last DFU block (§2.3).
+const DFU_SUFFIX_FIXED: [u8; 12] = [
+    0xFF, 0xFF, 0xFF, 0xFF, 0xAC, 0x05, 0x00, 0x01, 0x55, 0x46, 0x44, 0x10,
+];
+
+/// What the SecureROM accepts over DFU: a personalized `ibss` image for this board. `data` may
+/// end with the 16-byte DFU suffix (as received over DFU); its CRC is not checked because the
+/// ROM apparently does not check it either (§2.3: idevicerestore and pymobiledevice3 compute
+/// different values and both work).
 pub fn validate_ibss(data: &[u8], board: &Board) -> Result<(), String> {
-    verify_image(data, board, None, &[FourCc(*b"ibss")])
+    let image = match data.len().checked_sub(16) {
+        Some(n) if data[n..n + 12] == DFU_SUFFIX_FIXED => &data[..n],
+        _ => data,
+    };
+    verify_image(image, board, None, &[FourCc(*b"ibss")])
         .map(|_| ())
         .map_err(|e| format!("iBSS rejected: {e}"))
 }
@@ -374,15 +386,13 @@ pub fn bootchain_images(board: &Board, ecid: u64) -> Vec<(String, Vec<u8>)> {
         security: true,
         digests,
     };
-    // Payload sizes for exact-size files: the container overhead depends on the lengths' encodings
-    // and the ticket, so converge on the payload length by re-measuring.
+    let fourcc_of = |name: &str| match board.component(name) {
+        Some(c) => component_fourcc(c),
+        None => fourcc_for(name, None),
+    };
     let build_im4p = |name: &str, len: usize| {
-        let cc = match board.component(name) {
-            Some(c) => component_fourcc(c),
-            None => fourcc_for(name, None),
-        };
         img4::build_im4p(
-            cc,
+            fourcc_of(name),
             &format!("mac-sim {name} for {}", board.board_config),
             &payload(name, len),
         )
@@ -396,11 +406,7 @@ pub fn bootchain_images(board: &Board, ecid: u64) -> Vec<(String, Vec<u8>)> {
         img4::build_im4m(&spec(
             im4ps
                 .iter()
-                .map(|(_, p)| {
-                    // Built by build_im4p just above, so it parses.
-                    let parsed = img4::Im4p::parse(p).map(|x| (x.fourcc, x.digest().to_vec()));
-                    parsed.unwrap_or((FourCc(*b"????"), Vec::new()))
-                })
+                .map(|(name, p)| (fourcc_of(name), Sha384::digest(p).to_vec()))
                 .collect(),
         ))
     };
@@ -417,6 +423,8 @@ pub fn bootchain_images(board: &Board, ecid: u64) -> Vec<(String, Vec<u8>)> {
             *p = build_im4p(name, len);
         }
     }
+    // Payload sizes for exact-size files: the container overhead depends on the lengths' encodings
+    // and the ticket, so converge on the payload length by re-measuring.
     for &(name, target) in EXACT_SIZES {
         let Some(i) = im4ps.iter().position(|(n, _)| n == name) else {
             continue;
@@ -435,9 +443,7 @@ pub fn bootchain_images(board: &Board, ecid: u64) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = Vec::new();
     for name in &names {
         if name == LOCAL_POLICY {
-            let digest = img4::Im4p::parse(&LPOL_IM4P)
-                .map(|p| p.digest().to_vec())
-                .unwrap_or_default();
+            let digest = Sha384::digest(LPOL_IM4P).to_vec();
             let ticket = img4::build_im4m(&spec(vec![(FourCc(*b"lpol"), digest)]));
             out.push((name.clone(), img4::stitch(&LPOL_IM4P, &ticket, None)));
         } else if let Some((_, p)) = im4ps.iter().find(|(n, _)| n == name) {
@@ -572,6 +578,15 @@ mod tests {
         let lpol = Img4::parse(&imgs[1].1).unwrap();
         assert_eq!(lpol.im4p.raw, LPOL_IM4P);
         assert!(validate_ibss(&imgs[0].1, &b).is_ok());
+        // As received over DFU: with the suffix (CRC not checked).
+        let mut with_suffix = imgs[0].1.clone();
+        with_suffix.extend_from_slice(&DFU_SUFFIX_FIXED);
+        with_suffix.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(validate_ibss(&with_suffix, &b).is_ok());
+        // Other trailing bytes are not a suffix.
+        let mut junk = imgs[0].1.clone();
+        junk.extend_from_slice(&[0; 16]);
+        assert!(validate_ibss(&junk, &b).is_err());
     }
 
     #[test]
