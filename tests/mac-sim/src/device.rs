@@ -72,19 +72,19 @@ impl BootStage for Iboot {
     }
 }
 
-/// Builds the firmware for boot stage 1 or 2.
-pub type StageFactory = Box<dyn Fn(u8, &Board, &Faults) -> Box<dyn BootStage> + Send>;
+/// Builds the firmware for boot stage 1 or 2 of the Mac with this ECID.
+pub type StageFactory = Box<dyn Fn(u8, &Board, u64, &Faults) -> Box<dyn BootStage> + Send>;
 /// Decides whether an uploaded iBSS (suffix stripped) boots.
 pub type ImageCheck = Box<dyn Fn(&[u8], &Board) -> Result<(), String> + Send>;
 
 fn iboot_factory() -> StageFactory {
-    Box::new(|stage, board, faults| {
+    Box::new(|stage, board, ecid, faults| {
         let s = if stage == 1 {
             IbootStage::Stage1
         } else {
             IbootStage::Stage2
         };
-        Box::new(Iboot::new(s, board, faults))
+        Box::new(Iboot::new(s, board, faults).with_ecid(ecid))
     })
 }
 
@@ -225,7 +225,7 @@ impl SimMac {
         if let Firmware::Iboot { stage, .. } = self.firmware {
             self.firmware = Firmware::Iboot {
                 stage,
-                fw: (self.stage_factory)(stage, &self.board, &self.faults),
+                fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
             };
         }
         self
@@ -282,7 +282,7 @@ impl SimMac {
             UsbMode::PortDfu => Firmware::PortDfu(DfuMachine::new(DfuConfig::port_dfu())),
             UsbMode::Recovery(stage) => Firmware::Iboot {
                 stage,
-                fw: (self.stage_factory)(stage, &self.board, &self.faults),
+                fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
             },
             UsbMode::Restore => Firmware::Restore,
         };
@@ -360,8 +360,15 @@ impl SimMac {
                 Next::Gone
             }
             IbootEvent::BootRestoreOs => Next::Mode(UsbMode::Restore),
+            // A refused `go` is just a failed command: iBSS keeps answering.
+            IbootEvent::BootFailed(why) if stage == 1 => {
+                tracing::info!(%why, "iBSS refused to start iBEC");
+                return;
+            }
             IbootEvent::BootFailed(why) => {
-                // A real Mac whose personalised boot fails comes back in Recovery.
+                // A failed `bootx`: like a real Mac whose personalised boot fails, it
+                // reboots and comes back in Recovery (idevicerestore then reports
+                // "image personalization failed", protocol.md §3.4 step 12).
                 tracing::info!(%why, "boot failed; Mac falls back to Recovery");
                 Next::Mode(UsbMode::Recovery(1))
             }

@@ -84,7 +84,8 @@ pub struct Faults {
     /// counted over the whole session) have been received.
     pub disconnect_after_bytes: Option<u64>,
     /// Stall every iBoot command (EP0 `40/00` or `40/01`) starting with this text, e.g. `"go"`
-    /// or `"setenv auto-boot"`.
+    /// or `"setenv auto-boot"` (the device model checks the prefix for any stage firmware; the
+    /// simulated iBoot itself also matches the whole line or its first word).
     pub stall_command: Option<String>,
     /// Stall every DFU class request with this bRequest (e.g. 3 = GET_STATUS, 1 = DNLOAD).
     pub stall_dfu_request: Option<u8>,

@@ -11,6 +11,7 @@ pub mod dfu;
 pub mod faults;
 pub mod iboot;
 pub mod images;
+pub mod img4;
 pub mod inproc;
 pub mod usbip;
 pub mod wire;

@@ -158,9 +158,11 @@ fn main() -> Result<()> {
         }
         Cmd::MakeBootchain { board, out } => {
             let board = Board::load(&board)?;
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            mac_sim::images::write_bootchain(&board, &out).map_err(anyhow::Error::msg)?;
+            let paths = mac_sim::images::write_bootchain(&board, &out)
+                .with_context(|| format!("cannot write the boot chain to {}", out.display()))?;
+            for p in paths {
+                println!("{}", p.display());
+            }
         }
     }
     Ok(())

@@ -59,3 +59,22 @@ fn bad_input_explains_itself() {
     assert!(!ok);
     assert!(err.contains("not a hex number"), "{err}");
 }
+
+#[test]
+fn make_bootchain_writes_images() {
+    let dir = std::env::temp_dir().join(format!("mac-sim-cli-chain-{}", std::process::id()));
+    let (ok, out, err) = run(&[
+        "make-bootchain",
+        "--board",
+        "j274ap",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let first = out.lines().next().unwrap();
+    assert!(first.ends_with("iBSS.img4"), "{out}");
+    let ibss = std::fs::read(first).unwrap();
+    let board = mac_sim::board::Board::load("j274ap").unwrap();
+    assert_eq!(mac_sim::images::validate_ibss(&ibss, &board), Ok(()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

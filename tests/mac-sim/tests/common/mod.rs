@@ -43,6 +43,7 @@ impl BootStage for Scripted {
                 let cmd = String::from_utf8_lossy(data.split(|b| *b == 0).next().unwrap());
                 let ev = match &*cmd {
                     "go" if self.uploaded > 0 => Some(IbootEvent::JumpToNextStage),
+                    "go" => Some(IbootEvent::BootFailed("no iBEC".into())),
                     "bootx" if self.uploaded > 0 => Some(IbootEvent::BootRestoreOs),
                     "bootx" => Some(IbootEvent::BootFailed("no kernel".into())),
                     "reboot" => Some(IbootEvent::Reboot),
@@ -72,7 +73,7 @@ impl BootStage for Scripted {
 }
 
 pub fn scripted() -> StageFactory {
-    Box::new(|stage, _, _| {
+    Box::new(|stage, _, _, _| {
         Box::new(Scripted {
             stage,
             uploaded: 0,
@@ -275,6 +276,25 @@ impl Host {
         for c in data.chunks(0x8000) {
             assert_eq!(self.bulk_out(0x04, c), Reply::Ack(vec![]));
         }
+        if data.len() % 512 == 0 {
+            assert_eq!(self.bulk_out(0x04, &[]), Reply::Ack(vec![]));
+        }
+    }
+
+    /// `getenv NAME` then `C0/00`, up to the NUL.
+    pub fn getenv(&mut self, name: &str) -> String {
+        assert_eq!(
+            self.command(&format!("getenv {name}"), 0),
+            Reply::Ack(vec![])
+        );
+        let r = self.in_data(setup(0xc0, 0, 0, 0, 255));
+        let end = r.iter().position(|b| *b == 0).unwrap_or(r.len());
+        String::from_utf8_lossy(&r[..end]).into_owned()
+    }
+
+    /// The return value of the last command (`C0/00`, first byte).
+    pub fn getret(&mut self) -> u8 {
+        self.in_data(setup(0xc0, 0, 0, 0, 255))[0]
     }
 
     pub fn set_configuration(&mut self, v: u16) -> Reply {
