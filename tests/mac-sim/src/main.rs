@@ -153,7 +153,7 @@ fn main() -> Result<()> {
                     )) as Box<dyn SimDevice>
                 })
                 .collect();
-            mac_sim::usbip::serve(devices, mac_sim::usbip::ExportOptions { listen, attach })
+            mac_sim::usbip::serve(devices, mac_sim::usbip::ExportOptions::new(listen, attach))
                 .context("USB/IP server failed")?;
         }
         Cmd::MakeBootchain { board, out } => {

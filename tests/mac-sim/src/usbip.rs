@@ -7,6 +7,12 @@ pub struct ExportOptions {
     pub attach: bool,
 }
 
+impl ExportOptions {
+    pub fn new(listen: std::net::SocketAddr, attach: bool) -> Self {
+        ExportOptions { listen, attach }
+    }
+}
+
 pub fn serve(devices: Vec<Box<dyn SimDevice>>, opts: ExportOptions) -> std::io::Result<()> {
     let _ = (devices.len(), opts.listen, opts.attach);
     Err(std::io::Error::other(
