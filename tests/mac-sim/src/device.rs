@@ -385,7 +385,9 @@ impl SimMac {
                 let d = match kind {
                     1 => Some(self.descriptors.device.clone()),
                     2 if index == 0 => Some(self.descriptors.configuration.clone()),
-                    3 if index == 0 || setup.index == 0x0409 => self.descriptors.string(index),
+                    // Any language ID gets the English strings: hosts that skip string 0
+                    // and ask with langid 0 still get an answer.
+                    3 => self.descriptors.string(index),
                     _ => None,
                 };
                 match d {

@@ -383,6 +383,28 @@ mod tests {
     }
 
     #[test]
+    fn ports_are_usable_from_several_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<SimBus>();
+        let bus = Arc::new(SimBus::new());
+        let ports: Vec<usize> = (0..4).map(|_| bus.plug(toy())).collect();
+        let handles: Vec<_> = ports
+            .into_iter()
+            .map(|p| {
+                let bus = Arc::clone(&bus);
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        assert_eq!(bus.bulk_in(p, 0x81, 3).unwrap(), Reply::Ack(vec![1; 3]));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
     fn dropped_subscribers_do_not_block_events() {
         let bus = SimBus::new();
         drop(bus.subscribe());

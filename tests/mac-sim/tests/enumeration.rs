@@ -161,3 +161,48 @@ fn descriptors_truncate_to_wlength_and_unknown_requests_stall() {
         "no bulk endpoint in DFU"
     );
 }
+
+#[test]
+fn strings_answer_any_language_id() {
+    let mut h = Host::new(StartMode::Dfu, Faults::default());
+    let Reply::Ack(d) = h.descriptor(3, 4, 0, 255) else {
+        panic!()
+    };
+    assert_eq!(d[2..4], [b'S', 0]);
+}
+
+#[test]
+fn random_traffic_never_panics() {
+    use mac_sim::wire::Setup;
+    let mut seed: u64 = 0x5eed;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for start in [StartMode::Dfu, StartMode::PortDfu, StartMode::Recovery] {
+        let mut mac = common::new_mac(start, Faults::default());
+        let now = std::time::Instant::now();
+        for i in 0..20_000u32 {
+            let r = next();
+            let mut b = r.to_le_bytes();
+            // Mostly requests a host would send, some pure noise.
+            if i % 4 != 0 {
+                b[0] = [0x80, 0x00, 0x21, 0xa1, 0x40, 0xc0, 0x41, 0x01][(r >> 60) as usize & 7];
+                b[1] &= 0x0f;
+            }
+            let s = Setup::from_bytes(b);
+            let data: Vec<u8> = (0..(s.length as usize % 300))
+                .map(|j| (r >> (j % 56)) as u8)
+                .collect();
+            let _ = mac.control(&s, if s.is_in() { &[] } else { &data });
+            let _ = mac.bulk_out((r >> 8) as u8, &data);
+            let _ = mac.bulk_in((r >> 16) as u8, 4096);
+            if i % 1000 == 0 {
+                mac.reset();
+            }
+            let _ = mac.poll_link(now + std::time::Duration::from_millis(u64::from(i)));
+        }
+    }
+}
