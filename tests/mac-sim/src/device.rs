@@ -408,8 +408,11 @@ impl SimMac {
             }
             (0x00, 0x05) => ack(), // SET_ADDRESS (vhci keeps it, real hosts send it)
             (0x01, 0x0b) if self.configuration == 1 => {
-                let (i, a) = (setup.index as u8, setup.value as u8);
-                if setup.index < 2 && self.descriptors.has_alt_setting(i, a) {
+                let (i, a) = (u8::try_from(setup.index), u8::try_from(setup.value));
+                if let (Ok(i @ 0..=1), Ok(a)) = (i, a) {
+                    if !self.descriptors.has_alt_setting(i, a) {
+                        return Reply::Stall;
+                    }
                     self.alt[usize::from(i)] = a;
                     ack()
                 } else {
@@ -417,7 +420,7 @@ impl SimMac {
                 }
             }
             (0x81, 0x0a) if self.configuration == 1 => {
-                let i = setup.index as u8;
+                let i = u8::try_from(setup.index).unwrap_or(u8::MAX);
                 if self.descriptors.interfaces().contains(&i) {
                     Reply::Ack(vec![self.alt.get(usize::from(i)).copied().unwrap_or(0)])
                 } else {
