@@ -6,8 +6,8 @@
 //! (re-enumerate as the next stage, boot the restore OS, reboot).
 //!
 //! How uploads are checked (§3.2). The host starts a file with `41/00 0 0 0`, then sends bulk OUT
-//! transfers on 0x04 of at most 0x8000 bytes. A transfer shorter than a multiple of 512 bytes
-//! ends with a short packet and so ends the file; when the file length is a multiple of 512 the
+//! transfers on 0x04 of at most 0x8000 bytes. A transfer whose length is not a multiple of 512
+//! bytes ends with a short packet and so ends the file; when the file length is a multiple of 512 the
 //! host must end it with a zero-length transfer. The simulator applies that literally:
 //! * a command that consumes the buffer while the last transfer was a non-zero multiple of 512
 //!   (no ZLP yet) fails: "upload not finished";
@@ -21,7 +21,8 @@
 //! the real iBoot answers rather than crashing. Malformed command packets (no NUL, not
 //! printable, longer than 256 bytes) are stalled. A failed `go` or `bootx` reports
 //! [`IbootEvent::BootFailed`] and iBoot keeps answering; after a successful `go`, `bootx`,
-//! `reboot` or `reset` this iBoot no longer runs and stalls everything.
+//! `reboot` or `reset` this iBoot no longer runs: it stalls every request (console output not
+//! yet read can still be drained).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
