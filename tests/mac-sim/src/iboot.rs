@@ -6,8 +6,8 @@
 //! (re-enumerate as the next stage, boot the restore OS, reboot).
 //!
 //! How uploads are checked (§3.2). The host starts a file with `41/00 0 0 0`, then sends bulk OUT
-//! transfers on 0x04 of at most 0x8000 bytes. A transfer shorter than a multiple of 512 bytes
-//! ends with a short packet and so ends the file; when the file length is a multiple of 512 the
+//! transfers on 0x04 of at most 0x8000 bytes. A transfer whose length is not a multiple of 512
+//! bytes ends with a short packet and so ends the file; when the file length is a multiple of 512 the
 //! host must end it with a zero-length transfer. The simulator applies that literally:
 //! * a command that consumes the buffer while the last transfer was a non-zero multiple of 512
 //!   (no ZLP yet) fails: "upload not finished";
@@ -21,7 +21,8 @@
 //! the real iBoot answers rather than crashing. Malformed command packets (no NUL, not
 //! printable, longer than 256 bytes) are stalled. A failed `go` or `bootx` reports
 //! [`IbootEvent::BootFailed`] and iBoot keeps answering; after a successful `go`, `bootx`,
-//! `reboot` or `reset` this iBoot no longer runs and stalls everything.
+//! `reboot` or `reset` this iBoot no longer runs: it stalls every request (console output not
+//! yet read can still be drained).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
@@ -160,6 +161,23 @@ impl Iboot {
     pub fn with_ecid(mut self, ecid: u64) -> Iboot {
         self.ecid = Some(ecid);
         self
+    }
+
+    /// Start with the variables a previous stage saved with `saveenv` (NVRAM survives the jump
+    /// from iBSS to iBEC); the stage's own read-only variables are kept.
+    pub fn with_nvram(mut self, nvram: &BTreeMap<String, String>) -> Iboot {
+        for (k, v) in nvram {
+            if !READ_ONLY_ENV.contains(&k.as_str()) {
+                self.env.insert(k.clone(), v.clone());
+                self.saved_env.insert(k.clone(), v.clone());
+            }
+        }
+        self
+    }
+
+    /// What `saveenv` persisted, to hand to the next stage with [`Iboot::with_nvram`].
+    pub fn nvram(&self) -> &BTreeMap<String, String> {
+        &self.saved_env
     }
 
     pub fn stage(&self) -> IbootStage {
@@ -477,6 +495,11 @@ impl Iboot {
     fn firmware(&mut self) {
         let candidates = self.firmware_candidates();
         let ccs: Vec<FourCc> = candidates.iter().map(|c| c.1).collect();
+        if ccs.is_empty() {
+            // An empty list would mean "any type" to verify_image.
+            self.fail("firmware: this Mac loads no firmware in this stage");
+            return;
+        }
         if let Some(v) = self.consume("firmware", &ccs) {
             if let Some((name, _)) = candidates.iter().find(|c| c.1 == v.fourcc) {
                 self.say(&format!("loaded firmware '{}' ({name})", v.fourcc));
@@ -627,6 +650,38 @@ mod tests {
         i.execute("setenv boot-stage 2");
         assert_eq!(i.env("boot-stage"), Some("1"));
         assert_eq!(i.reply, [RET_ERROR, 0, 0, 0]);
+    }
+
+    #[test]
+    fn firmware_with_nothing_expected_refuses_everything() {
+        let mut board = Board::load("j274ap").unwrap();
+        for c in &mut board.components {
+            c.loaded_by_stage1 = false;
+        }
+        let img = images::bootchain_images(&board, images::ECID_ANY)
+            .into_iter()
+            .find(|(n, _)| n == "RestoreDCP")
+            .unwrap()
+            .1;
+        let mut i = Iboot::new(IbootStage::Stage1, &board, &Faults::default());
+        i.upload = Upload::Complete;
+        i.buffer = img;
+        i.execute("firmware");
+        assert_eq!(i.reply[0], RET_ERROR);
+        assert_eq!(i.loaded.len(), 0);
+    }
+
+    #[test]
+    fn nvram_carries_to_the_next_stage() {
+        let mut i = iboot();
+        i.execute("setenv auto-boot false");
+        i.execute("setenvnp boot-args -v");
+        i.execute("saveenv");
+        let board = Board::load("j274ap").unwrap();
+        let next = Iboot::new(IbootStage::Stage2, &board, &Faults::default()).with_nvram(i.nvram());
+        assert_eq!(next.env("auto-boot"), Some("false"));
+        assert_eq!(next.env("boot-args"), Some(""));
+        assert_eq!(next.env("boot-stage"), Some("2"));
     }
 
     #[test]
