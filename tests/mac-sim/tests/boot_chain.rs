@@ -154,3 +154,28 @@ fn chain_on_the_in_process_bus() {
     // The other Mac is untouched.
     assert_eq!(bus.enumeration(p2).unwrap().product_id, 0x1281);
 }
+
+#[test]
+fn pulled_cable_on_the_bus_is_gone_for_good() {
+    let bus = SimBus::new();
+    let rx = bus.subscribe();
+    let f = Faults::from_specs(&["disconnect-at=dfu"]).unwrap();
+    let p = bus.plug(Box::new(new_mac(StartMode::Dfu, f)));
+    let t = Duration::from_secs(5);
+    assert!(SimBus::wait_for(&rx, t, |e| attached(e, 0x1227)).is_some());
+    let get_state = setup(0xa1, 5, 0, 0, 1);
+    assert_eq!(bus.control(p, &get_state, &[]), Ok(Reply::Stall));
+    assert_eq!(
+        SimBus::wait_for(&rx, t, |_| true),
+        Some(BusEvent::Detached { port: p })
+    );
+    assert_eq!(
+        bus.control(p, &get_state, &[]),
+        Err(mac_sim::inproc::BusError::Gone(p))
+    );
+    assert_eq!(
+        SimBus::wait_for(&rx, Duration::from_millis(200), |_| true),
+        None
+    );
+    assert!(bus.attached().is_empty());
+}
