@@ -5,5 +5,13 @@
 //! misunderstanding of the protocol in one must not be mirrored in the other.
 
 pub mod board;
+pub mod descriptors;
+pub mod device;
+pub mod dfu;
+pub mod faults;
+pub mod iboot;
+pub mod images;
+pub mod img4;
+pub mod inproc;
 pub mod usbip;
 pub mod wire;

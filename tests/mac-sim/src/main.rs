@@ -1,1 +1,185 @@
-fn main() {}
+//! `mac-sim`: list simulated boards, show a mode's descriptors, serve simulated Macs over
+//! USB/IP, write a matching boot chain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use mac_sim::board::Board;
+use mac_sim::descriptors::{Descriptors, UsbMode};
+use mac_sim::device::{SimMac, Timing};
+use mac_sim::faults::{Faults, StartMode};
+use mac_sim::wire::SimDevice;
+
+#[derive(Parser)]
+#[command(
+    name = "mac-sim",
+    about = "A simulated Apple Silicon Mac (DFU, Port DFU, iBoot)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Dfu,
+    Portdfu,
+    Recovery,
+}
+
+impl From<Mode> for StartMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Dfu => StartMode::Dfu,
+            Mode::Portdfu => StartMode::PortDfu,
+            Mode::Recovery => StartMode::Recovery,
+        }
+    }
+}
+
+const DEFAULT_ECID: &str = "001C2B3A4D5E6F70";
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the boards with a fixture BuildManifest.
+    Boards,
+    /// Print the descriptors and identity strings of a board in one mode.
+    Describe {
+        #[arg(long)]
+        board: String,
+        #[arg(long, value_enum, default_value = "dfu")]
+        mode: Mode,
+        #[arg(long, default_value = DEFAULT_ECID)]
+        ecid: String,
+    },
+    /// Export simulated Macs over USB/IP.
+    Usbip {
+        #[arg(long)]
+        board: String,
+        /// ECID in hex; with --count N the Macs get ECID, ECID+1, …
+        #[arg(long, default_value = DEFAULT_ECID)]
+        ecid: String,
+        #[arg(long, value_enum, default_value = "dfu")]
+        start: Mode,
+        /// key[=value], repeatable, e.g. disconnect-at=stage1, disconnect-after-bytes=100000.
+        #[arg(long = "fault")]
+        faults: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1:3240")]
+        listen: SocketAddr,
+        /// Also attach the exported devices to this machine's vhci-hcd.
+        #[arg(long)]
+        attach: bool,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Short reboot delays (tens of milliseconds) instead of near-real ones.
+        #[arg(long)]
+        fast: bool,
+    },
+    /// Write a boot chain (iBSS, iBEC, … as the simulated iBoot accepts them) for a board.
+    MakeBootchain {
+        #[arg(long)]
+        board: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_ecid(s: &str) -> Result<u64> {
+    let h = s.trim().trim_start_matches("0x").trim_start_matches("0X");
+    u64::from_str_radix(h, 16).with_context(|| format!("--ecid {s:?} is not a hex number"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Boards => {
+            for b in Board::fixture_boards()? {
+                let board = Board::load(&b)?;
+                println!(
+                    "{:<14} CPID:{:04X} BDID:{:02X}",
+                    board.board_config, board.cpid, board.bdid
+                );
+            }
+        }
+        Cmd::Describe { board, mode, ecid } => {
+            let board = Board::load(&board)?;
+            let mac = SimMac::new(
+                board,
+                parse_ecid(&ecid)?,
+                mode.into(),
+                Faults::default(),
+                Timing::default(),
+            );
+            print_descriptors(mac.descriptors());
+        }
+        Cmd::Usbip {
+            board,
+            ecid,
+            start,
+            faults,
+            listen,
+            attach,
+            count,
+            fast,
+        } => {
+            if count == 0 {
+                bail!("--count must be at least 1");
+            }
+            let board = Board::load(&board)?;
+            let faults = Faults::from_specs(&faults)?;
+            let ecid = parse_ecid(&ecid)?;
+            let timing = if fast {
+                Timing::fast()
+            } else {
+                Timing::default()
+            };
+            let devices: Vec<Box<dyn SimDevice>> = (0..u64::from(count))
+                .map(|i| {
+                    Box::new(SimMac::new(
+                        board.clone(),
+                        ecid.wrapping_add(i),
+                        start.into(),
+                        faults.clone(),
+                        timing,
+                    )) as Box<dyn SimDevice>
+                })
+                .collect();
+            mac_sim::usbip::serve(devices, mac_sim::usbip::ExportOptions::new(listen, attach))
+                .context("USB/IP server failed")?;
+        }
+        Cmd::MakeBootchain { board, out } => {
+            let board = Board::load(&board)?;
+            let paths = mac_sim::images::write_bootchain(&board, &out)
+                .with_context(|| format!("cannot write the boot chain to {}", out.display()))?;
+            for p in paths {
+                println!("{}", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_descriptors(d: &Descriptors) {
+    let e = d.enumeration();
+    let mode = match d.mode {
+        UsbMode::Dfu => "DFU".to_string(),
+        UsbMode::PortDfu => "Port DFU".to_string(),
+        UsbMode::Recovery(s) => format!("Recovery (boot-stage {s})"),
+        UsbMode::Restore => "Restore".to_string(),
+    };
+    println!("{:04x}:{:04x} {mode}", e.vendor_id, e.product_id);
+    println!("device descriptor: {}", hex::encode(&d.device));
+    println!("configuration 1:   {}", hex::encode(&d.configuration));
+    for (i, s) in &d.strings {
+        println!("string {i}: {s}");
+    }
+}
