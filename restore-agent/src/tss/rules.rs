@@ -82,11 +82,17 @@ pub fn apply_restore_request_rules(entry: &mut Dictionary, rules: &[Value], para
         };
         for (key, value) in actions {
             if let Value::Boolean(b) = value {
-                entry.remove(key);
+                remove_keeping_order(entry, key);
                 entry.insert(key.clone(), Value::Boolean(*b));
             }
         }
     }
+}
+
+/// `Dictionary::remove` swaps the last key into the hole; requests keep the manifest's key
+/// order (like the reference tools) so they stay comparable with captured ones.
+fn remove_keeping_order(dict: &mut Dictionary, key: &str) {
+    dict.retain(|k, _| k != key);
 }
 
 fn info(entry: &Dictionary) -> Option<&Dictionary> {
@@ -106,7 +112,7 @@ fn is_true(dict: &Dictionary, key: &str) -> bool {
 /// Copy an entry without `Info`, apply its rules, and make sure a Trusted entry has a Digest.
 fn personalize(entry: &Dictionary, params: &TssParams, default_flags: bool) -> Option<Dictionary> {
     let mut out = entry.clone();
-    out.remove("Info");
+    remove_keeping_order(&mut out, "Info");
     match rules(entry) {
         Some(r) => apply_restore_request_rules(&mut out, r, params),
         None if default_flags && params.supports_img4 => {
