@@ -43,6 +43,22 @@ fn pyimg4_ticket_shows_what_it_covers() {
     assert_eq!(m.component(b"acfw").unwrap().ekey(), Some(false));
     assert_eq!(m.component(b"ftap").unwrap().digest().unwrap().len(), 32);
     assert!(m.component(b"zzzz").is_none());
+    let summary = m.to_string();
+    assert!(
+        summary.starts_with(
+            "ticket for ECID 0x123456789012, CHIP 0x8015, BORD 0xE, SDOM 0x1, production true, security true\n  ApNonce hash (BNCH) 0123456789012345…\n"
+        ),
+        "{summary}"
+    );
+    assert!(summary.contains("\n  35 components:\n"), "{summary}");
+    assert!(
+        summary.contains("\n    ibss (iBSS) DGST 9820eb8715b8"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(" EPRO=true ESEC=true EKEY=true\n"),
+        "{summary}"
+    );
     // Every component 4CC the ticket names that our table knows maps back to a component.
     for (tag, _) in &m.components {
         if let Some(name) = img4::fourcc::component_for_fourcc(*tag) {

@@ -4,6 +4,8 @@
 //! point is to tell a technician which Mac (ECID/CHIP/BORD) and which components a ticket is
 //! for, and to check a ticket before it is stitched.
 
+use std::fmt;
+
 use super::der::{self, Class, Element, Tag};
 use super::Img4Error;
 
@@ -111,6 +113,67 @@ impl Im4m {
             .iter()
             .find(|(k, _)| k == fourcc)
             .map(|(_, v)| v)
+    }
+}
+
+fn fourcc_text(tag: &[u8; 4]) -> String {
+    tag.iter()
+        .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+        .collect()
+}
+
+fn short_hex(data: &[u8]) -> String {
+    let head = hex::encode(&data[..data.len().min(8)]);
+    if data.len() > 8 {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
+
+fn opt_hex(v: Option<u64>) -> String {
+    v.map_or_else(|| "?".to_string(), |n| format!("{n:#X}"))
+}
+
+/// A technician-readable account of what the ticket covers: which Mac, which modes, which
+/// nonces and which components.
+impl fmt::Display for Im4m {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "ticket for ECID {}, CHIP {}, BORD {}, SDOM {}, production {}, security {}",
+            opt_hex(self.ecid()),
+            opt_hex(self.chip_id()),
+            opt_hex(self.board_id()),
+            opt_hex(self.security_domain()),
+            self.production_mode().map_or("?".into(), |b| b.to_string()),
+            self.security_mode().map_or("?".into(), |b| b.to_string()),
+        )?;
+        if let Some(h) = self.ap_nonce_hash() {
+            writeln!(f, "  ApNonce hash (BNCH) {}", short_hex(h))?;
+        }
+        if let Some(h) = self.sep_nonce_hash() {
+            writeln!(f, "  SepNonce hash (snon) {}", short_hex(h))?;
+        }
+        writeln!(f, "  {} components:", self.components.len())?;
+        for (tag, props) in &self.components {
+            let name = super::fourcc::component_for_fourcc(*tag).unwrap_or("?");
+            write!(f, "    {} ({name})", fourcc_text(tag))?;
+            if let Some(d) = props.digest() {
+                write!(f, " DGST {}", short_hex(d))?;
+            }
+            for (flag, value) in [
+                ("EPRO", props.epro()),
+                ("ESEC", props.esec()),
+                ("EKEY", props.ekey()),
+            ] {
+                if let Some(v) = value {
+                    write!(f, " {flag}={v}")?;
+                }
+            }
+            writeln!(f)?;
+        }
+        Ok(())
     }
 }
 
