@@ -3,6 +3,7 @@
 //! defaults), so a misreading in one place shows up as a mismatch.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use plist::{Dictionary, Value};
 use restore_agent::img4;
@@ -38,18 +39,22 @@ fn restore_identity(path: &Path) -> Option<Dictionary> {
         .cloned()
 }
 
-fn all_restore_identities() -> Vec<(String, Dictionary)> {
-    let mut out: Vec<_> = std::fs::read_dir(manifests_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "plist"))
-        .filter_map(|p| {
-            let name = p.file_name()?.to_string_lossy().into_owned();
-            Some((name, restore_identity(&p)?))
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+/// Parsed once for all tests in this file: reading 40+ manifests is the slow part.
+fn all_restore_identities() -> &'static [(String, Dictionary)] {
+    static IDS: OnceLock<Vec<(String, Dictionary)>> = OnceLock::new();
+    IDS.get_or_init(|| {
+        let mut out: Vec<_> = std::fs::read_dir(manifests_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "plist"))
+            .filter_map(|p| {
+                let name = p.file_name()?.to_string_lossy().into_owned();
+                Some((name, restore_identity(&p)?))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    })
 }
 
 fn params() -> TssParams {
@@ -273,14 +278,17 @@ fn main_request_for_every_fixture_mac() {
         ids.len()
     );
     let mut p = params();
-    for (board, identity) in &ids {
+    for (board, identity) in ids {
         check_main_request(board, identity, &p);
     }
-    // Rules must follow the parameters, not hard-code production/security.
-    p.production_mode = false;
-    p.security_mode = false;
-    for (board, identity) in &ids {
-        check_main_request(board, identity, &p);
+    // Rules must follow the parameters, not hard-code production/security, and must not
+    // confuse the two.
+    for (production, security) in [(false, true), (true, false)] {
+        p.production_mode = production;
+        p.security_mode = security;
+        for (board, identity) in ids {
+            check_main_request(board, identity, &p);
+        }
     }
 }
 
@@ -316,7 +324,7 @@ fn recovery_root_request_for_every_fixture_mac() {
     ];
     let p = params();
     for (board, identity) in all_restore_identities() {
-        let req = tss::recovery_os_root_request(&identity, &p, &uuid()).unwrap();
+        let req = tss::recovery_os_root_request(identity, &p, &uuid()).unwrap();
         let manifest = identity
             .get("Manifest")
             .and_then(Value::as_dictionary)
@@ -337,7 +345,7 @@ fn recovery_root_request_for_every_fixture_mac() {
                         allowed,
                         "{board}: {name} must not be in the recovery request"
                     );
-                    check_entry(&board, name, entry, got, &p, false);
+                    check_entry(board, name, entry, got, &p, false);
                 }
                 None => assert!(!allowed, "{board}: {name} missing from recovery request"),
             }
@@ -346,7 +354,11 @@ fn recovery_root_request_for_every_fixture_mac() {
 }
 
 fn j314s() -> Dictionary {
-    restore_identity(&manifests_dir().join("J314sAP.BuildManifest.plist")).unwrap()
+    all_restore_identities()
+        .iter()
+        .find(|(name, _)| name == "J314sAP.BuildManifest.plist")
+        .map(|(_, id)| id.clone())
+        .unwrap()
 }
 
 fn keys(d: &Dictionary) -> Vec<&str> {
