@@ -8,6 +8,8 @@
 pub mod bootchain;
 pub mod dfu;
 pub mod identity;
+pub mod img4;
 pub mod manifest;
 pub mod recovery;
+pub mod tss;
 pub mod usb;
