@@ -497,7 +497,7 @@ fn parse_component(name: &str, entry: &Value) -> Component {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::PathBuf;
 
