@@ -1,6 +1,11 @@
 //! DFU upload to the SecureROM (05ac:1227) or to a USB-C port controller in Port DFU (05ac:f014),
 //! as a sans-IO state machine (protocol.md §2.1–§2.3).
 //!
+//! GET_STATUS follows every DNLOAD, as §2.2 states — including the lone last data block when the
+//! suffix goes in its own transfer. libirecovery skips the status read between those two
+//! transfers (Apple's ROM tolerates both); asking is what DFU 1.1 requires of a host, so a
+//! stricter device is served too.
+//!
 //! The machine hands out one [`DfuAction`] at a time; the caller performs it on a transport and
 //! feeds the outcome back with [`DfuUpload::on_reply`]. Nothing in here touches USB or sleeps, so
 //! every byte it asks for can be checked in tests.

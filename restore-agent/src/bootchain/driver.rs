@@ -415,6 +415,10 @@ impl<'a> Driver<'a> {
                 Err(e) => return Err(e),
             }
         };
+        // libirecovery's open selects configuration 1 (the edge skips it when already active).
+        transport
+            .set_configuration(1)
+            .map_err(transport_err("selecting USB configuration 1"))?;
         transport
             .claim_interface(0, 0)
             .map_err(transport_err("claiming the Mac's USB interface"))?;
@@ -1530,7 +1534,10 @@ mod tests {
         assert_eq!(&m.dfu_image[..5000], &image_for("iBSS")[..]);
         assert_eq!(&m.dfu_image[5000..5012], &crate::dfu::DFU_SUFFIX_FIXED);
 
-        let mut expected = stage1_trace();
+        // "setconfig 1" also opens every enumeration (libirecovery's open does the same).
+        let mut expected = s(&["setconfig 1", "setconfig 1"]);
+        expected.extend(stage1_trace());
+        expected.push("setconfig 1".into());
         expected.extend(stage2_trace());
         assert_eq!(m.trace, expected);
         // Every upload arrived byte for byte; ZLP only for the 512-multiple ramdisk.
@@ -1611,11 +1618,13 @@ mod tests {
         let r = run(&bus(mac.clone()), FakeImages::default(), o);
         r.result.unwrap();
         let mut expected = s(&[
+            "setconfig 1",
             "cmd getenv boot-stage",
             "read",
             "upload iBEC",
             "cmd1 go",
             "notify 21/01",
+            "setconfig 1",
         ]);
         expected.extend(stage2_trace());
         assert_eq!(mac.lock().unwrap().trace, expected);
@@ -1628,7 +1637,7 @@ mod tests {
         o.allow_recovery_start = true;
         let r = run(&bus(mac.clone()), FakeImages::default(), o);
         r.result.unwrap();
-        let mut expected = s(&["cmd getenv boot-stage", "read"]);
+        let mut expected = s(&["setconfig 1", "cmd getenv boot-stage", "read"]);
         expected.extend(stage2_trace());
         assert_eq!(mac.lock().unwrap().trace, expected);
     }
@@ -1640,8 +1649,9 @@ mod tests {
         o.allow_recovery_start = true;
         let r = run(&bus(mac.clone()), FakeImages::default(), o);
         r.result.unwrap();
-        let mut expected = s(&["cmd getenv boot-stage", "read"]);
+        let mut expected = s(&["setconfig 1", "cmd getenv boot-stage", "read"]);
         expected.extend(stage1_trace());
+        expected.push("setconfig 1".into());
         expected.extend(stage2_trace());
         assert_eq!(mac.lock().unwrap().trace, expected);
     }
@@ -1681,7 +1691,7 @@ mod tests {
             .result
             .unwrap_err();
         assert!(matches!(err, BootchainError::StillInDfu), "{err}");
-        assert!(mac.lock().unwrap().trace.is_empty());
+        assert_eq!(mac.lock().unwrap().trace, s(&["setconfig 1"]));
     }
 
     #[test]
@@ -1712,7 +1722,7 @@ mod tests {
         });
         let r = run(&bus(mac.clone()), FakeImages::default(), options());
         r.result.unwrap();
-        assert_eq!(mac.lock().unwrap().trace[..5], stage1_trace()[..5]);
+        assert_eq!(mac.lock().unwrap().trace[2..7], stage1_trace()[..5]);
     }
 
     #[test]
@@ -1728,7 +1738,7 @@ mod tests {
         assert!(err.to_string().contains("RestoreKernelCache"), "{err}");
         let m = mac.lock().unwrap();
         assert!(m.dfu_ops.is_empty());
-        assert!(m.trace.is_empty());
+        assert_eq!(m.trace, s(&["setconfig 1"]));
     }
 
     #[test]
