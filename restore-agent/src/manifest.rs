@@ -168,6 +168,11 @@ impl BuildIdentity {
         self.components.iter().filter(|c| c.is_stage2_firmware())
     }
 
+    /// idevicerestore's `is_mac` for Port DFU hints (§2.5): the identity names a MacOSVariant.
+    pub fn is_mac(&self) -> bool {
+        self.info.macos_variant.is_some()
+    }
+
     /// Can this identity take a Mac from DFU to `bootx`?
     pub fn is_bootable(&self) -> bool {
         self.has("iBSS") && self.has("iBEC")

@@ -67,6 +67,17 @@ pub enum RecoveryTransfer {
         endpoint: u8,
         range: Range<usize>,
     },
+    /// Bulk IN of up to `length` bytes.
+    BulkIn {
+        endpoint: u8,
+        length: usize,
+        timeout: Duration,
+    },
+    /// Claim `interface` with alternate setting `alt_setting`.
+    SetInterface {
+        interface: u8,
+        alt_setting: u8,
+    },
 }
 
 /// `40/bReq 0 0 len` with the command text and a NUL.
@@ -160,6 +171,26 @@ pub fn upload(len: usize) -> Vec<RecoveryTransfer> {
         });
     }
     out
+}
+
+/// One console read (libirecovery `irecv_receive`): switch to interface 1 alt 1, read bulk IN
+/// 0x81 (repeat the read while it returns data), then back to interface 0 alt 0.
+pub fn console_read() -> [RecoveryTransfer; 3] {
+    [
+        RecoveryTransfer::SetInterface {
+            interface: CONSOLE_INTERFACE,
+            alt_setting: CONSOLE_ALT_SETTING,
+        },
+        RecoveryTransfer::BulkIn {
+            endpoint: CONSOLE_ENDPOINT,
+            length: CONSOLE_READ_LEN,
+            timeout: CONSOLE_TIMEOUT,
+        },
+        RecoveryTransfer::SetInterface {
+            interface: 0,
+            alt_setting: 0,
+        },
+    ]
 }
 
 /// The zero-length `21/01 0 0 0` (5000 ms) idevicerestore sends after RestoreKernelCache.
@@ -292,6 +323,28 @@ mod tests {
                 bulk(0x8000..0x10000),
                 bulk(0x10000..0x10400),
                 bulk(0x10400..0x10400)
+            ]
+        );
+    }
+
+    #[test]
+    fn console_read_switches_to_interface_1_alt_1() {
+        assert_eq!(
+            console_read(),
+            [
+                RecoveryTransfer::SetInterface {
+                    interface: 1,
+                    alt_setting: 1
+                },
+                RecoveryTransfer::BulkIn {
+                    endpoint: 0x81,
+                    length: 4096,
+                    timeout: Duration::from_millis(500)
+                },
+                RecoveryTransfer::SetInterface {
+                    interface: 0,
+                    alt_setting: 0
+                },
             ]
         );
     }

@@ -570,7 +570,7 @@ impl<'a> Driver<'a> {
                     });
                     return Ok(value);
                 }
-                RecoveryTransfer::BulkOut { .. } => {}
+                _ => {}
             }
         }
         Ok(String::new())
@@ -616,7 +616,7 @@ impl<'a> Driver<'a> {
                         });
                     }
                 }
-                RecoveryTransfer::ControlIn { .. } => {}
+                _ => {}
             }
         }
         Ok(())
