@@ -85,6 +85,13 @@ pub enum ManifestError {
         behavior: RestoreBehavior,
         variants: String,
     },
+    #[error(
+        "this IPSW is not for a {product_type}: it supports {supported}. Use the IPSW for this Mac"
+    )]
+    UnsupportedProduct {
+        product_type: String,
+        supported: String,
+    },
     #[error("no build identity in this IPSW matches chip {cpid:#06x} board {bdid:#04x}: it is for {available}")]
     UnknownChip {
         cpid: u32,
@@ -375,6 +382,24 @@ impl BuildManifest {
                 }
                 RestoreBehavior::Update => "",
             },
+        }
+    }
+
+    /// idevicerestore requires the product type in `SupportedProductTypes` (§9.6). A manifest
+    /// without the list does not restrict.
+    pub fn check_product(&self, product_type: &str) -> Result<(), ManifestError> {
+        if self.supported_product_types.is_empty()
+            || self
+                .supported_product_types
+                .iter()
+                .any(|p| p == product_type)
+        {
+            Ok(())
+        } else {
+            Err(ManifestError::UnsupportedProduct {
+                product_type: product_type.to_string(),
+                supported: self.supported_product_types.join(", "),
+            })
         }
     }
 
@@ -699,6 +724,12 @@ pub(crate) mod tests {
         assert!(text.contains("j274ap"), "{text}");
         assert!(text.contains("d53gap (CPID 0x8101 BDID 0x0c)"), "{text}");
         assert!(text.contains("d53pap"), "{text}");
+        assert!(m.check_product("iPhone13,2").is_ok());
+        let err = m.check_product("Macmini9,1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "this IPSW is not for a Macmini9,1: it supports iPhone13,2, iPhone13,3. Use the IPSW for this Mac"
+        );
         let err = m.board_for_chip(0x8103, 0x22).unwrap_err();
         assert!(matches!(
             err,

@@ -408,3 +408,27 @@ fn a_missing_image_file_is_named_before_dfu() {
     assert_eq!(mac.lock().unwrap().dfu_bytes, 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_ipsw_for_another_device_is_refused_before_dfu() {
+    let m = BuildManifest::from_path(
+        &shared().join("fixtures/manifests/iOS_26.2.1_23C71_iPhone13,2/BuildManifest.plist"),
+    )
+    .unwrap();
+    let dir = images_dir("ios", &manifest(), None);
+    let mac = new_mac(0x1901);
+    let bus = Bus(mac.clone());
+    let mut images = PersonalizedDir::new(&dir);
+    let mut cb = |_: &Progress| {};
+    let device = bus.devices().unwrap()[0].clone();
+    let err = Driver::new(&bus, &mut images, &mut cb, options())
+        .run(&device, &m)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("this IPSW is not for a MacBookAir10,1"),
+        "{err}"
+    );
+    assert_eq!(mac.lock().unwrap().dfu_bytes, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -329,6 +329,9 @@ impl<'a> Driver<'a> {
         };
         let mut cur = self.open(device, mode)?;
         let board = board_of(&cur.identity, manifest)?;
+        if let Some(model) = cur.identity.model {
+            manifest.check_product(model.product_type)?;
+        }
         let identity = manifest.select_boot_identity(&board, self.options.behavior)?;
         (self.progress)(&Progress::Found {
             ecid: cur.identity.ecid,
