@@ -983,6 +983,12 @@ mod tests {
         zlps: Vec<String>,
         /// `go` sent to iBoot proper: jump once the 21/01 that follows it arrives.
         go_pending: bool,
+        /// What GET_STATE answers.
+        dfu_state: u8,
+        /// iBoot stalls this command.
+        stall_command: Option<&'static str>,
+        /// boot-stage iBSS reports (real iBSS: "1").
+        ibss_boot_stage: &'static str,
     }
 
     impl Mac {
@@ -1029,7 +1035,7 @@ mod tests {
 
         fn getenv(&self, name: &str) -> String {
             match (name, self.firmware) {
-                ("boot-stage", Firmware::Ibss) => "1".into(),
+                ("boot-stage", Firmware::Ibss) => self.ibss_boot_stage.into(),
                 ("boot-stage", Firmware::Ibec) => "2".into(),
                 ("boot-stage", _) => "0".into(),
                 ("build-version", _) => "iBoot-13822.61.10".into(),
@@ -1079,7 +1085,7 @@ mod tests {
                 (0x80, 6) => Ok(m.serial().into_bytes()),
                 (0xA1, 5) => {
                     m.dfu_ops.push("GET_STATE".into());
-                    Ok(vec![2])
+                    Ok(vec![m.dfu_state])
                 }
                 (0xA1, 3) => {
                     m.dfu_ops.push("GET_STATUS".into());
@@ -1105,6 +1111,10 @@ mod tests {
         ) -> Result<usize, TransportError> {
             let mut m = self.live()?;
             match (setup.request_type, setup.request) {
+                (0x21, 4 | 6) if m.firmware == Firmware::Rom => {
+                    m.dfu_ops.push(format!("REQ {}", setup.request));
+                    Ok(0)
+                }
                 (0x21, 1) if m.firmware == Firmware::Rom => {
                     m.dfu_ops
                         .push(format!("DNLOAD {} {}", setup.value, data.len()));
@@ -1130,6 +1140,9 @@ mod tests {
                 (0x40, req) => {
                     assert_eq!(data.last(), Some(&0));
                     let text = String::from_utf8(data[..data.len() - 1].to_vec()).unwrap();
+                    if m.stall_command == Some(text.as_str()) {
+                        return Err(TransportError::Stall);
+                    }
                     m.trace.push(if req == 1 {
                         format!("cmd1 {text}")
                     } else {
@@ -1344,6 +1357,9 @@ mod tests {
             last_getenv: None,
             zlps: Vec::new(),
             go_pending: false,
+            dfu_state: 2,
+            stall_command: None,
+            ibss_boot_stage: "1",
         }))
     }
 
@@ -1802,6 +1818,49 @@ mod tests {
         let found = wait_for_device(&b, None, Duration::from_secs(5), fake_identity).unwrap();
         h.join().unwrap();
         assert_eq!(found.address, 5);
+    }
+
+    #[test]
+    fn rom_error_state_is_reported_after_clr_status() {
+        let mac = mac(0x1227, Firmware::Rom);
+        mac.lock().unwrap().dfu_state = 10;
+        let err = run(&bus(mac.clone()), FakeImages::default(), options())
+            .result
+            .unwrap_err();
+        assert!(
+            matches!(err, BootchainError::Dfu(DfuError::RomError)),
+            "{err}"
+        );
+        assert_eq!(mac.lock().unwrap().dfu_ops, s(&["GET_STATE", "REQ 4"]));
+    }
+
+    #[test]
+    fn a_refused_command_names_the_command() {
+        let mac = mac(0x1227, Firmware::Rom);
+        mac.lock().unwrap().stall_command = Some("ramdisk");
+        let err = run(&bus(mac.clone()), FakeImages::default(), options())
+            .result
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "USB failed while sending the iBoot command `ramdisk`: the device refused the request (USB stall)"
+        );
+        assert_eq!(
+            mac.lock().unwrap().trace.last().map(String::as_str),
+            Some("cmd getenv ramdisk-delay")
+        );
+    }
+
+    #[test]
+    fn an_unexpected_boot_stage_is_only_logged() {
+        let mac = mac(0x1227, Firmware::Rom);
+        mac.lock().unwrap().ibss_boot_stage = "7";
+        let r = run(&bus(mac), FakeImages::default(), options());
+        assert!(r.result.is_ok());
+        assert!(r.progress.contains(&Progress::Env {
+            name: "boot-stage".into(),
+            value: "7".into()
+        }));
     }
 
     #[test]
