@@ -547,6 +547,30 @@ mod tests {
     }
 
     #[test]
+    fn single_block_of_0x800_minus_16_carries_the_suffix() {
+        let image = vec![0x3C; 0x800 - 16];
+        let mut last = image.clone();
+        last.extend_from_slice(&suffix_for(&image));
+        let mut expected = vec![get_state(), dnload(0, last), get_status()];
+        expected.extend(finish(1));
+        assert_eq!(run_happy(&image, DfuOptions::default()), expected);
+    }
+
+    #[test]
+    fn single_full_block_sends_suffix_separately() {
+        let image = vec![0x3C; 0x800];
+        let mut expected = vec![
+            get_state(),
+            dnload(0, image.clone()),
+            get_status(),
+            dnload(0, suffix_for(&image)),
+            get_status(),
+        ];
+        expected.extend(finish(1));
+        assert_eq!(run_happy(&image, DfuOptions::default()), expected);
+    }
+
+    #[test]
     fn suffix_split_at_0x800_minus_15() {
         let image: Vec<u8> = (0..(0x800 - 15)).map(|i| (i * 7) as u8).collect();
         let mut expected = vec![
