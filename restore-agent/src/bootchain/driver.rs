@@ -918,7 +918,10 @@ impl BootchainError {
                 source,
                 TransportError::Access | TransportError::Unavailable(_)
             ),
-            BootchainError::Identity(IdentityError::Transport(_)) => true,
+            // A device that just enumerated may still stall or garble its first descriptors.
+            BootchainError::Identity(
+                IdentityError::Transport(_) | IdentityError::Descriptor(_),
+            ) => true,
             _ => false,
         }
     }
@@ -1052,6 +1055,8 @@ mod tests {
     struct FakeBus {
         mac: Shared,
         others: Vec<DeviceInfo>,
+        /// Opens of the Mac that fail with Busy before one succeeds (the kernel still holds it).
+        busy_opens: Mutex<u32>,
     }
 
     struct FakeTransport {
@@ -1238,6 +1243,11 @@ mod tests {
             let m = self.mac.lock().unwrap();
             if m.firmware == Firmware::Gone || m.info() != *device {
                 return Err(TransportError::Disconnected);
+            }
+            let mut busy = self.busy_opens.lock().unwrap();
+            if *busy > 0 {
+                *busy -= 1;
+                return Err(TransportError::Busy);
             }
             Ok(Box::new(FakeTransport {
                 mac: self.mac.clone(),
@@ -1427,6 +1437,7 @@ mod tests {
                 vendor_id: 0x1d6b,
                 product_id: 0x0002,
             }],
+            busy_opens: Mutex::new(0),
         }
     }
 
@@ -1861,6 +1872,29 @@ mod tests {
             name: "boot-stage".into(),
             value: "7".into()
         }));
+    }
+
+    #[test]
+    fn opening_retries_while_the_device_settles() {
+        let b = bus(mac(0x1227, Firmware::Rom));
+        *b.busy_opens.lock().unwrap() = 1;
+        assert!(run(&b, FakeImages::default(), options()).result.is_ok());
+        // short_timeouts allows 2 attempts per open: 2 refusals in a row fail with Busy.
+        let b = bus(mac(0x1227, Firmware::Rom));
+        *b.busy_opens.lock().unwrap() = 2;
+        let err = run(&b, FakeImages::default(), options())
+            .result
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                BootchainError::Transport {
+                    source: TransportError::Busy,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
