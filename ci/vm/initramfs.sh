@@ -7,7 +7,7 @@
 # env:   VM_ARCH (x86_64)            architecture of kernel.sh's output to take modules from
 #        MACRESCUE_BIN_DIR           where the static binaries are (default: static.sh's output)
 #        MACRESCUE_VM_BINS           binaries to copy into /bin
-#                                    (default: restore-agent mac-sim watch-devices usbip-demo,
+#                                    (default: restore-agent mac-sim and the stand-ins,
 #                                    missing optional ones are skipped)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -19,7 +19,7 @@ SCRIPT="$2"
 ARCH="$(vm_arch "${VM_ARCH:-x86_64}")"
 KDIR="$VM_OUT/vm/$ARCH"
 BIN_DIR="${MACRESCUE_BIN_DIR:-$VM_OUT/vm/bin}"
-BINS="${MACRESCUE_VM_BINS-restore-agent mac-sim watch-devices usbip-demo}"
+BINS="${MACRESCUE_VM_BINS-restore-agent mac-sim watch-devices usbip-demo usb-probe}"
 REQUIRED="restore-agent mac-sim"
 
 need_pkg cpio cpio

@@ -45,3 +45,26 @@ vm_arch() {
 
 now_s() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now_s)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# run_vm_test NAME GUEST_SCRIPT: kernel.sh, static.sh (skipped with MACRESCUE_SKIP_BUILD=1),
+# initramfs.sh and run.sh for an x86_64 guest running GUEST_SCRIPT; logs how long each took.
+# Output goes to out/vm/NAME/. Returns run.sh's status.
+run_vm_test() {
+    local name="$1" script="$2" here t t_all t_kernel t_build t_initrd t_vm rc
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    local work="$VM_OUT/vm/$name"
+    mkdir -p "$work"
+    t_all="$(now_s)"
+    t="$(now_s)"; "$here/kernel.sh" x86_64; t_kernel="$(elapsed "$t")"
+    t="$(now_s)"
+    [[ "${MACRESCUE_SKIP_BUILD:-0}" == 1 ]] || "$here/static.sh" >/dev/null
+    t_build="$(elapsed "$t")"
+    t="$(now_s)"; "$here/initramfs.sh" "$work/initrd.cpio.gz" "$script"; t_initrd="$(elapsed "$t")"
+    t="$(now_s)"
+    rc=0
+    "$here/run.sh" "$work/initrd.cpio.gz" "$work/console.log" || rc=$?
+    t_vm="$(elapsed "$t")"
+    log "timings (s): kernel.sh $t_kernel, static.sh $t_build, initramfs.sh $t_initrd, VM run $t_vm, total $(elapsed "$t_all")"
+    if [[ $rc -eq 0 ]]; then log "$name test PASSED"; else log "$name test FAILED"; fi
+    return $rc
+}

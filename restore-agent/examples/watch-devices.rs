@@ -1,7 +1,8 @@
 //! Stand-in for `restore-agent devices --watch --json` used by `ci/vm/hotplug-test.sh` until
 //! that command exists: prints one JSON line per hotplug event seen through [`RusbBus`], in the
 //! form the real command uses (`event`, `location`, `vendor_id`, `product_id`, `address`).
-//! It exists to exercise the libusb edge's udev-less hotplug inside the VM.
+//! It exists to exercise the libusb edge's udev-less hotplug inside the VM; `--poll` forces the
+//! polling fallback instead.
 
 use std::process::ExitCode;
 
@@ -9,7 +10,12 @@ use restore_agent::usb::rusb_edge::RusbBus;
 use restore_agent::usb::{HotplugEvent, UsbBus};
 
 fn main() -> ExitCode {
-    let bus = match RusbBus::new() {
+    let poll = std::env::args().any(|a| a == "--poll");
+    let bus = match if poll {
+        RusbBus::new_polling()
+    } else {
+        RusbBus::new()
+    } {
         Ok(b) => b,
         Err(e) => {
             eprintln!("watch-devices: {e}");
@@ -23,7 +29,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("watch-devices: watching (hotplug: {})", rusb::has_hotplug());
+    eprintln!(
+        "watch-devices: watching ({})",
+        if poll {
+            "polling"
+        } else if rusb::has_hotplug() {
+            "libusb hotplug"
+        } else {
+            "libusb without hotplug: polling"
+        }
+    );
     for event in events {
         let (kind, d) = match event {
             HotplugEvent::Arrived(d) => ("arrived", d),

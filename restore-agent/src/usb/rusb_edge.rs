@@ -164,10 +164,21 @@ pub struct RusbBus {
     context: rusb::Context,
     fanout: Arc<Fanout>,
     watcher: Mutex<Option<Watcher>>,
+    force_polling: bool,
 }
 
 impl RusbBus {
     pub fn new() -> Result<RusbBus, TransportError> {
+        Self::with_hotplug(true)
+    }
+
+    /// A bus whose [`UsbBus::watch`] always polls, even when libusb has hotplug: the fallback
+    /// path must be testable on machines where hotplug works.
+    pub fn new_polling() -> Result<RusbBus, TransportError> {
+        Self::with_hotplug(false)
+    }
+
+    fn with_hotplug(hotplug: bool) -> Result<RusbBus, TransportError> {
         let context = rusb::Context::new().map_err(|e| {
             TransportError::Unavailable(format!(
                 "libusb could not start ({e}); is /dev/bus/usb present and usbfs mounted?"
@@ -177,6 +188,7 @@ impl RusbBus {
             context,
             fanout: Arc::new(Fanout::default()),
             watcher: Mutex::new(None),
+            force_polling: !hotplug,
         })
     }
 
@@ -196,7 +208,9 @@ impl RusbBus {
         let stop = Arc::new(AtomicBool::new(false));
         // `has_hotplug` goes through rusb's global context, which panics only if libusb_init
         // fails; our own context initialised fine a moment ago, so it will not.
-        if rusb::has_hotplug() {
+        if self.force_polling {
+            tracing::info!("polling for devices every {POLL_INTERVAL:?} (hotplug not used)");
+        } else if rusb::has_hotplug() {
             match self.start_hotplug_thread(stop.clone()) {
                 Ok(thread) => {
                     return Watcher {
@@ -548,7 +562,13 @@ mod tests {
     fn new_without_usb_is_an_error_not_a_panic() {
         // On a machine without USB (CI containers) libusb_init fails; with USB it succeeds and
         // listing must work. Either way: no panic, and a technician-readable message.
-        match RusbBus::new() {
+        for bus in [RusbBus::new(), RusbBus::new_polling()] {
+            check_bus(bus);
+        }
+    }
+
+    fn check_bus(bus: Result<RusbBus, TransportError>) {
+        match bus {
             Ok(bus) => {
                 let devices = bus.devices().expect("listing devices on a working libusb");
                 let rx = bus.watch().expect("watch on a working libusb");

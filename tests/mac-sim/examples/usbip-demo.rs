@@ -2,7 +2,8 @@
 //! `mac-sim usbip --board … --start dfu --attach` exists. It enumerates as a DFU-mode device
 //! (05ac:1227 by default), and one second after the host configured it "reboots": it leaves
 //! the bus and comes back shortly after with another product id (a Mac going from DFU to
-//! iBSS recovery).
+//! iBSS recovery). As recovery its bulk IN endpoint never has data, so reads must time out
+//! (the URB stays pending until the host unlinks it).
 //!
 //! usage: usbip-demo [--listen ADDR] [--attach] [--first-pid HEX] [--second-pid HEX]
 //!                   [--reboot-after-ms N] [--gap-ms N]
@@ -49,9 +50,10 @@ impl Demo {
             ]
         } else {
             vec![
-                9, 2, 25, 0, 1, 1, 0, 0x80, 250, // one interface
-                9, 4, 0, 0, 1, 0xff, 0xff, 0, 0, // vendor (recovery)
+                9, 2, 32, 0, 1, 1, 0, 0x80, 250, // one interface
+                9, 4, 0, 0, 2, 0xff, 0xff, 0, 0, // vendor (recovery)
                 7, 5, 0x04, 0x02, 0x00, 0x02, 0, // bulk OUT 4
+                7, 5, 0x81, 0x02, 0x00, 0x02, 0, // bulk IN 1: never has data (NAKs)
             ]
         }
     }
