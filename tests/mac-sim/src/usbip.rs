@@ -765,7 +765,12 @@ impl Driver {
                 Speed::Full => SPEED_FULL,
                 Speed::High => SPEED_HIGH,
             };
-            std::thread::spawn(move || attacher.attach(&export.busid, speed));
+            let slot = self.slot.clone();
+            let current = move || {
+                slot.lock().export.as_ref().map(|e| e.generation) == Some(export.generation)
+            };
+            let busid = export.busid.clone();
+            std::thread::spawn(move || attacher.attach(&busid, speed, current));
         }
     }
 }
@@ -784,8 +789,13 @@ struct Attacher {
 }
 
 impl Attacher {
-    fn attach(&self, busid: &str, speed: u32) {
+    /// Retries while `current` says this export is still the device's incarnation.
+    fn attach(&self, busid: &str, speed: u32, current: impl Fn() -> bool) {
         for attempt in 1..=10 {
+            if !current() {
+                tracing::debug!("usbip: {busid} left the bus before it was attached");
+                return;
+            }
             match self.try_attach(busid, speed) {
                 Ok(port) => {
                     tracing::info!("usbip: {busid} attached to vhci port {port}");

@@ -466,3 +466,74 @@ fn debian_usbip_tool_lists_the_device() {
     assert!(text.contains("1-1"), "{text}");
     assert!(text.contains("05ac:1227"), "{text}");
 }
+
+/// A stand-in for `/sys/devices/platform/vhci_hcd.0`: `status` we write, `attach` we read.
+struct FakeVhci(std::path::PathBuf);
+
+impl FakeVhci {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mac-sim-vhci-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        FakeVhci(dir)
+    }
+
+    fn set_status(&self, busy: &[u32]) {
+        let mut s = String::from("hub port sta spd dev      sockfd local_busid\n");
+        for port in 0..8u32 {
+            let sta = if busy.contains(&port) { "006" } else { "004" };
+            s.push_str(&format!("hs  {port:04} {sta} 000 00000000 000000 0-0\n"));
+        }
+        for port in 8..16u32 {
+            s.push_str(&format!("ss  {port:04} 004 000 00000000 000000 0-0\n"));
+        }
+        std::fs::write(self.0.join("status"), s).unwrap();
+    }
+
+    /// The fields of the last line written to `attach`: port, sockfd, devid, speed.
+    fn take_attach(&self) -> Option<Vec<u32>> {
+        let path = self.0.join("attach");
+        let line = std::fs::read_to_string(&path).ok()?;
+        std::fs::remove_file(&path).ok()?;
+        Some(
+            line.split_whitespace()
+                .map(|f| f.parse().unwrap())
+                .collect(),
+        )
+    }
+}
+
+impl Drop for FakeVhci {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn attach_imports_itself_and_keeps_the_vhci_port_across_reenumeration() {
+    let vhci = FakeVhci::new("attach");
+    vhci.set_status(&[]);
+    let (dev, _) = TestDevice::new(0x1227, 0x1281);
+    let mut opts = ExportOptions::new("127.0.0.1:0".parse().unwrap(), true);
+    opts.vhci = vhci.0.clone();
+    let server = Server::bind(vec![Box::new(dev)], opts).unwrap();
+    let addr = server.local_addr().unwrap();
+    std::thread::spawn(move || server.run());
+
+    // "port sockfd devid speed": first free high-speed port, busnum 1 / devnum 2, high speed.
+    let first = wait_for("attach", || vhci.take_attach());
+    assert_eq!(first.len(), 4);
+    assert_eq!((first[0], first[2], first[3]), (0, 0x0001_0002, 3));
+
+    // Nobody kept the attached socket here (the kernel would), so the export is free again.
+    let (mut s, _) = wait_for("release", || import(addr, "1-1").ok());
+    // Port 0 still looks busy while the device reboots; it must wait for it, not take port 1.
+    vhci.set_status(&[0]);
+    submit(&mut s, 1, false, 0, 0, setup(0x40, 3, 0, 0), &[]);
+    assert_eq!(read_ret(&mut s, &[]).status, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(vhci.take_attach(), None);
+    vhci.set_status(&[]);
+    let second = wait_for("re-attach", || vhci.take_attach());
+    assert_eq!((second[0], second[2], second[3]), (0, 0x0001_0003, 3));
+}
