@@ -95,6 +95,15 @@ fn probe() -> Result<(), String> {
         &gone,
     )?;
     drop(h);
+    // Transfers fail as soon as the port goes inactive; the kernel removes the device a moment
+    // later. Only then is the stale DeviceInfo guaranteed to be unusable.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bus.devices().map_err(|e| e.to_string())?.contains(&dfu) {
+        if Instant::now() > deadline {
+            return Err("the departed device is still listed after 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let reopen = bus.open(&dfu).err();
     check(
         "stale DeviceInfo cannot be opened",
