@@ -1,0 +1,70 @@
+# Shared helpers for the ci/vm scripts (sourced, not run).
+# CI runs these on a fresh Debian 12 as root with no stdin: install what is missing, quietly.
+
+VM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VM_OUT="${MACRESCUE_OUT:-$VM_ROOT/out}"
+VM_CACHE="$VM_OUT/cache"
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+apt_updated=0
+# need_pkg COMMAND-OR-PATH PACKAGE: install PACKAGE unless COMMAND (or PATH) is already there.
+need_pkg() {
+    local probe="$1" pkg="$2"
+    if [[ "$probe" == /* ]]; then [[ -e "$probe" ]] && return 0
+    else command -v "$probe" >/dev/null 2>&1 && return 0; fi
+    [[ $(id -u) -eq 0 ]] || die "$pkg is missing and we are not root to install it"
+    if [[ $apt_updated -eq 0 ]]; then
+        log "apt-get update"
+        apt-get update -qq >&2
+        apt_updated=1
+    fi
+    log "installing $pkg"
+    apt-get install -y -qq --no-install-recommends "$pkg" >&2
+}
+
+# Debian architecture name for a Rust/QEMU one.
+deb_arch() {
+    case "$1" in
+        x86_64 | amd64) echo amd64 ;;
+        aarch64 | arm64) echo arm64 ;;
+        *) die "unsupported architecture $1 (x86_64 or aarch64)" ;;
+    esac
+}
+
+# Canonical (x86_64/aarch64) name.
+vm_arch() {
+    case "$1" in
+        x86_64 | amd64) echo x86_64 ;;
+        aarch64 | arm64) echo aarch64 ;;
+        *) die "unsupported architecture $1 (x86_64 or aarch64)" ;;
+    esac
+}
+
+now_s() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now_s)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# run_vm_test NAME GUEST_SCRIPT: kernel.sh, static.sh (skipped with MACRESCUE_SKIP_BUILD=1),
+# initramfs.sh and run.sh for an x86_64 guest running GUEST_SCRIPT; logs how long each took.
+# Output goes to out/vm/NAME/. Returns run.sh's status.
+run_vm_test() {
+    local name="$1" script="$2" here t t_all t_kernel t_build t_initrd t_vm rc
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    local work="$VM_OUT/vm/$name"
+    mkdir -p "$work"
+    t_all="$(now_s)"
+    t="$(now_s)"; "$here/kernel.sh" x86_64; t_kernel="$(elapsed "$t")"
+    t="$(now_s)"
+    [[ "${MACRESCUE_SKIP_BUILD:-0}" == 1 ]] || "$here/static.sh" >/dev/null
+    t_build="$(elapsed "$t")"
+    t="$(now_s)"; "$here/initramfs.sh" "$work/initrd.cpio.gz" "$script"; t_initrd="$(elapsed "$t")"
+    t="$(now_s)"
+    rc=0
+    "$here/run.sh" "$work/initrd.cpio.gz" "$work/console.log" || rc=$?
+    t_vm="$(elapsed "$t")"
+    log "timings (s): kernel.sh $t_kernel, static.sh $t_build, initramfs.sh $t_initrd, VM run $t_vm, total $(elapsed "$t_all")"
+    if [[ $rc -eq 0 ]]; then log "$name test PASSED"; else log "$name test FAILED"; fi
+    return $rc
+}
