@@ -124,7 +124,13 @@ impl UsbBus for SimUsb {
 
     fn open(&self, device: &DeviceInfo) -> Result<Box<dyn UsbTransport>, TransportError> {
         let s = self.state.lock().unwrap();
-        let port = usize::from(*device.location.ports.first().ok_or(TransportError::Disconnected)?);
+        let port = usize::from(
+            *device
+                .location
+                .ports
+                .first()
+                .ok_or(TransportError::Disconnected)?,
+        );
         match s.present.get(&port) {
             Some(inc) if inc.info.address == device.address => Ok(Box::new(SimTransport {
                 bus: Arc::clone(&self.bus),
@@ -235,7 +241,11 @@ impl UsbTransport for SimTransport {
         let deadline = Instant::now() + timeout;
         loop {
             self.check_current()?;
-            match self.bus.bulk_in(self.port, endpoint, max_len).map_err(gone)? {
+            match self
+                .bus
+                .bulk_in(self.port, endpoint, max_len)
+                .map_err(gone)?
+            {
                 Reply::Ack(d) => return Ok(d),
                 Reply::Stall => return Err(TransportError::Stall),
                 Reply::Nak if Instant::now() >= deadline => {
