@@ -9,6 +9,7 @@
 #        MACRESCUE_VM_BINS           binaries to copy into /bin
 #                                    (default: restore-agent mac-sim and the stand-ins,
 #                                    missing optional ones are skipped)
+#        MACRESCUE_VM_OVERLAY        a directory copied over the initramfs root (data files)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -19,7 +20,7 @@ SCRIPT="$2"
 ARCH="$(vm_arch "${VM_ARCH:-x86_64}")"
 KDIR="$VM_OUT/vm/$ARCH"
 BIN_DIR="${MACRESCUE_BIN_DIR:-$VM_OUT/vm/bin}"
-BINS="${MACRESCUE_VM_BINS-restore-agent mac-sim watch-devices usbip-demo usb-probe}"
+BINS="${MACRESCUE_VM_BINS-restore-agent mac-sim usbip-demo usb-probe}"
 REQUIRED="restore-agent mac-sim"
 
 need_pkg cpio cpio
@@ -40,6 +41,10 @@ for b in $BINS; do
     fi
 done
 install -m 0755 "$SCRIPT" "$STAGE/guest.sh"
+if [[ -n "${MACRESCUE_VM_OVERLAY:-}" ]]; then
+    [[ -d "$MACRESCUE_VM_OVERLAY" ]] || die "overlay $MACRESCUE_VM_OVERLAY is not a directory"
+    cp -a "$MACRESCUE_VM_OVERLAY/." "$STAGE/"
+fi
 
 cat >"$STAGE/init" <<'INIT'
 #!/bin/busybox sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build restore-agent and mac-sim as static x86_64 musl binaries (release profile) for the VM
-# tests, plus the two stand-in programs the hotplug test can use until the real subcommands
-# exist (restore-agent examples watch-devices and usb-probe, mac-sim example usbip-demo).
+# tests, plus the libusb-edge test pair (restore-agent example usb-probe, mac-sim example
+# usbip-demo: a plain test device with stalls and NAKed bulk IN that a Mac model lacks).
 # Copies them to out/vm/bin and prints that directory on stdout.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -32,17 +32,17 @@ T0="$(now_s)"
 log "cargo build --release --target $TARGET (restore-agent, mac-sim)"
 cargo build --release --locked --target "$TARGET" -p restore-agent -p mac-sim --bins >&2
 cargo build --release --locked --target "$TARGET" -p restore-agent \
-    --example watch-devices --example usb-probe >&2
+    --example usb-probe >&2
 cargo build --release --locked --target "$TARGET" -p mac-sim --example usbip-demo >&2
 REL="$VM_ROOT/target/$TARGET/release"
 BIN="$VM_OUT/vm/bin"
 mkdir -p "$BIN"
-install -m 0755 "$REL/restore-agent" "$REL/mac-sim" "$REL/examples/watch-devices" \
+install -m 0755 "$REL/restore-agent" "$REL/mac-sim" \
     "$REL/examples/usbip-demo" "$REL/examples/usb-probe" "$BIN/"
-for b in restore-agent mac-sim watch-devices usbip-demo usb-probe; do
+for b in restore-agent mac-sim usbip-demo usb-probe; do
     file -b "$BIN/$b" 2>/dev/null | grep -q 'static' ||
         ldd "$BIN/$b" 2>&1 | grep -q 'not a dynamic' ||
         log "warning: $BIN/$b may not be static"
 done
-log "built in $(elapsed "$T0") s: $BIN/{restore-agent,mac-sim,watch-devices,usbip-demo,usb-probe}"
+log "built in $(elapsed "$T0") s: $BIN/{restore-agent,mac-sim,usbip-demo,usb-probe}"
 echo "$BIN"

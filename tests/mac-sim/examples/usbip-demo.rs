@@ -1,5 +1,5 @@
-//! A minimal Apple-looking device served over USB/IP, for `ci/vm/hotplug-test.sh` until
-//! `mac-sim usbip --board … --start dfu --attach` exists. It enumerates as a DFU-mode device
+//! A minimal Apple-looking test device served over USB/IP, for `ci/vm/transport-test.sh`: it
+//! has the plain behaviours the libusb edge must survive that a Mac model lacks. It enumerates as a DFU-mode device
 //! (05ac:1227 by default), and one second after the host configured it "reboots": it leaves
 //! the bus and comes back shortly after with another product id (a Mac going from DFU to
 //! iBSS recovery). As recovery its bulk IN endpoint never has data, so reads must time out
