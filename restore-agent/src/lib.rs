@@ -11,3 +11,4 @@ pub mod identity;
 pub mod manifest;
 pub mod recovery;
 pub mod usb;
+pub mod usbmux;
