@@ -71,6 +71,15 @@ pub struct Mux {
 impl Mux {
     /// A mux for a freshly claimed interface; its VERSION packet is already queued.
     pub fn new(config: MuxConfig) -> Self {
+        if (config.rx_window as usize) > config.inbound_capacity {
+            // The device may legitimately fill the advertised window; a smaller buffer would
+            // make us reset connections for the device's correct behaviour.
+            warn!(
+                rx_window = config.rx_window,
+                inbound_capacity = config.inbound_capacity,
+                "usbmux receive window larger than the inbound buffer"
+            );
+        }
         let mut mux = Self {
             config,
             phase: Phase::Handshake,
@@ -731,5 +740,108 @@ fn tcp_queued(header: HeaderVersion, th: TcpHeader, data: &[u8]) -> Queued {
         protocol: Protocol::Tcp,
         header,
         body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const DEVICE_V2: [u8; 20] = [0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    fn active_v2() -> Mux {
+        let mut mux = Mux::new(MuxConfig::default());
+        mux.on_usb_in(&DEVICE_V2).unwrap();
+        while mux.poll_transmit().is_some() {}
+        mux
+    }
+
+    #[test]
+    fn version_is_queued_with_v1_header_even_if_polled_late() {
+        let mut mux = Mux::new(MuxConfig::default());
+        // The reply arrives before our VERSION was even taken from the queue.
+        mux.on_usb_in(&DEVICE_V2).unwrap();
+        let version = mux.poll_transmit().unwrap();
+        assert_eq!(version.len(), 20);
+        let setup = mux.poll_transmit().unwrap();
+        assert_eq!(setup.len(), 17);
+        assert_eq!(mux.mux_seq(), (1, 0xFFFF));
+    }
+
+    #[test]
+    fn second_version_is_dropped() {
+        let mut mux = active_v2();
+        let stats = mux.stats();
+        let mut v2_version = vec![0, 0, 0, 0, 0, 0, 0, 28, 0xFE, 0xED, 0xFA, 0xCE, 0, 0, 0, 0];
+        v2_version.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
+        mux.on_usb_in(&v2_version).unwrap();
+        assert_eq!(mux.stats().dropped_in, stats.dropped_in + 1);
+        assert_eq!(mux.poll_event(), Some(Event::Ready { version: 2 }));
+        assert_eq!(mux.poll_event(), None);
+    }
+
+    #[test]
+    fn mux_tx_seq_wraps() {
+        let mut mux = active_v2();
+        mux.tx_seq = 0xFFFF;
+        mux.connect(1).unwrap();
+        let syn = mux.poll_transmit().unwrap();
+        assert_eq!(&syn[12..14], &[0xFF, 0xFF]);
+        assert_eq!(mux.mux_seq().0, 0);
+    }
+
+    #[test]
+    fn source_ports_wrap_past_65535_and_skip_zero_and_used_ones() {
+        let mut mux = active_v2();
+        let a = mux.connect(1).unwrap();
+        assert_eq!(mux.conn_info(a).unwrap().src_port, 1);
+        mux.next_sport = 0xFFFF;
+        let b = mux.connect(1).unwrap();
+        assert_eq!(mux.conn_info(b).unwrap().src_port, 0xFFFF);
+        // 0 is never used and 1 is taken.
+        let c = mux.connect(1).unwrap();
+        assert_eq!(mux.conn_info(c).unwrap().src_port, 2);
+    }
+
+    #[test]
+    fn timer_arms_itself_when_not_asked_first() {
+        let mut mux = active_v2();
+        let id = mux.connect(1).unwrap();
+        // SYN|ACK, then 4 data bytes.
+        let mut p = vec![0, 0, 0, 6, 0, 0, 0, 36, 0xFE, 0xED, 0xFA, 0xCE, 0, 0, 0, 0];
+        p.extend_from_slice(&[
+            0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0x50, 0x12, 2, 0, 0, 0, 0, 0,
+        ]);
+        mux.on_usb_in(&p).unwrap();
+        let mut d = vec![0, 0, 0, 6, 0, 0, 0, 40, 0xFE, 0xED, 0xFA, 0xCE, 0, 1, 0, 0];
+        d.extend_from_slice(&[
+            0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 2, 0, 0, 0, 0, 0,
+        ]);
+        d.extend_from_slice(b"data");
+        mux.on_usb_in(&d).unwrap();
+        while mux.poll_transmit().is_some() {}
+        let mut buf = [0u8; 4];
+        assert_eq!(mux.recv(id, &mut buf).unwrap(), 4);
+        let t0 = Instant::now();
+        mux.on_timer(t0);
+        assert_eq!(mux.poll_transmit(), None, "first call only arms the delay");
+        mux.on_timer(t0 + Duration::from_millis(30));
+        let ack = mux.poll_transmit().unwrap();
+        // ack field of the TCP header: 1 + 4 delivered bytes
+        assert_eq!(&ack[16 + 8..16 + 12], &[0, 0, 0, 5]);
+        assert_eq!(mux.poll_timeout(t0), None);
+    }
+
+    #[test]
+    fn tcp_before_handshake_is_dropped() {
+        let mut mux = Mux::new(MuxConfig::default());
+        let mut p = vec![0, 0, 0, 6, 0, 0, 0, 28];
+        p.extend_from_slice(&[
+            0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0x50, 0x10, 2, 0, 0, 0, 0, 0,
+        ]);
+        mux.on_usb_in(&p).unwrap();
+        assert_eq!(mux.stats().dropped_in, 1);
+        assert_eq!(mux.phase(), Phase::Handshake);
     }
 }
