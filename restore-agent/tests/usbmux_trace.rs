@@ -56,8 +56,9 @@ fn lockdown_connect_and_first_exchange_match_usbmuxd() {
     mux.poll_transmit().unwrap();
     mux.on_usb_in(&[0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0])
         .unwrap();
-    mux.poll_transmit().unwrap(); // SETUP
-                                  // The trace's connection used source port 2: port 1 was taken by an earlier client.
+    // SETUP
+    mux.poll_transmit().unwrap();
+    // The trace's connection used source port 2: port 1 was taken by an earlier client.
     let earlier = mux.connect(62078).unwrap();
     drain(&mut mux);
     mux.on_usb_in(&device_packet(0, (62078, 1, 0, 1, 0x12, 512, 0)))

@@ -325,7 +325,9 @@ impl Mux {
             ConnState::Connecting => {
                 if Conn::is_syn_ack(th.flags) {
                     if th.seq != 0 {
-                        debug!(seq = th.seq, "device ISN is not 0; usbmuxd assumes 0 too");
+                        // usbmuxd assumes ISN 0 and so do we (protocol.md §12 item 3); if a
+                        // restore stalls, this log line is the first lead.
+                        warn!(%id, seq = th.seq, "device SYN|ACK with a non-zero ISN");
                     }
                     conn.tx_seq = conn.tx_seq.wrapping_add(1);
                     conn.tx_ack = conn.tx_ack.wrapping_add(1);
@@ -341,7 +343,10 @@ impl Mux {
                     let reason = if th.flags & tcp_flags::RST != 0 {
                         let text = clean_text(data);
                         if text.is_empty() {
-                            format!("nothing accepted connections on port {port}")
+                            format!(
+                                "the Mac refused a connection to port {port} \
+                                 (nothing listening there yet)"
+                            )
                         } else {
                             text
                         }
@@ -550,6 +555,7 @@ impl Mux {
             ConnState::Connected if !conn.outbound.is_empty() => {
                 conn.state = ConnState::Closing;
                 conn.inbound.clear();
+                conn.write_blocked = false;
             }
             ConnState::Closing => {}
             ConnState::Connecting | ConnState::Connected => return self.abort(id),

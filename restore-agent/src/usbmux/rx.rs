@@ -38,11 +38,13 @@ impl std::fmt::Display for RxDrop {
         match self {
             Self::TooLarge { declared } => write!(
                 f,
-                "device announced a {declared}-byte mux packet, above the {MAX_RX_PACKET}-byte limit"
+                "device announced a {declared}-byte mux packet, above the \
+                 {MAX_RX_PACKET}-byte limit"
             ),
             Self::Overflow { gathered } => write!(
                 f,
-                "continuation transfers reached {gathered} bytes, above the {MAX_RX_PACKET}-byte limit"
+                "continuation transfers reached {gathered} bytes, above the \
+                 {MAX_RX_PACKET}-byte limit"
             ),
         }
     }

@@ -30,7 +30,10 @@ pub enum WireError {
         needed: usize,
         got: usize,
     },
-    #[error("mux header says the packet is {declared} bytes but the transfer held {got}; packet dropped")]
+    #[error(
+        "mux header says the packet is {declared} bytes but the transfer held {got}; \
+         packet dropped"
+    )]
     LengthMismatch { declared: usize, got: usize },
     #[error("mux header length {declared} is shorter than the header itself ({header})")]
     LengthTooSmall { declared: usize, header: usize },
