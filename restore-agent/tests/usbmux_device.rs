@@ -742,6 +742,31 @@ fn three_connections_interleave() {
 }
 
 #[test]
+fn two_hundred_connections_at_once() {
+    let mut rig = Rig::new(2);
+    let ids: Vec<_> = (0..200)
+        .map(|_| rig.mux.connect(ECHO_PORT).unwrap())
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let msg = format!("connection {i}");
+        assert_eq!(rig.mux.send(*id, msg.as_bytes()).unwrap(), msg.len());
+    }
+    rig.pump();
+    let connected = rig
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Connected(_)))
+        .count();
+    assert_eq!(connected, 200);
+    let mut buf = [0u8; 64];
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(rig.sport(*id), i as u16 + 1);
+        let n = rig.mux.recv(*id, &mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("connection {i}").as_bytes());
+    }
+}
+
+#[test]
 fn zlp_follows_transfers_at_multiples_of_the_packet_size() {
     let mut rig = Rig::new(2);
     let id = rig.connect(SINK_PORT);

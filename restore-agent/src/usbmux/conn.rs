@@ -57,7 +57,7 @@ pub struct ConnInfo {
     pub unacked_len: usize,
 }
 
-#[derive(Debug)]
+/// `Debug` is written by hand so that logging a mux never dumps up to 320 KiB of buffers.
 pub(crate) struct Conn {
     pub state: ConnState,
     pub src_port: u16,
@@ -74,6 +74,12 @@ pub(crate) struct Conn {
     pub outbound: VecDeque<u8>,
     /// A `send` was cut short; tell the consumer when space frees up.
     pub write_blocked: bool,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.info(), f)
+    }
 }
 
 impl Conn {
