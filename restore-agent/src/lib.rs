@@ -13,3 +13,4 @@ pub mod manifest;
 pub mod recovery;
 pub mod tss;
 pub mod usb;
+pub mod usbmux;
