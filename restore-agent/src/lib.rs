@@ -7,6 +7,7 @@
 
 pub mod bootchain;
 pub mod dfu;
+pub mod download;
 pub mod http;
 pub mod identity;
 pub mod img4;

@@ -27,6 +27,8 @@ enum Command {
     Identify(cmd::identify::Args),
     /// Walk a Mac from DFU through iBSS and iBEC to `bootx`, using already-personalized images.
     Bootchain(cmd::bootchain::Args),
+    /// Download a firmware file into the cache (parallel, resumable, SHA-1 checked).
+    Download(cmd::download::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::Devices(a) => cmd::devices::run(a),
         Command::Identify(a) => cmd::identify::run(a),
         Command::Bootchain(a) => cmd::bootchain::run(a),
+        Command::Download(a) => cmd::download::run(a),
     }
 }
 

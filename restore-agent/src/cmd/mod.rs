@@ -2,4 +2,5 @@
 
 pub mod bootchain;
 pub mod devices;
+pub mod download;
 pub mod identify;
