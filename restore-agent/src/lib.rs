@@ -11,6 +11,7 @@ pub mod http;
 pub mod identity;
 pub mod img4;
 pub mod manifest;
+pub mod personalize;
 pub mod recovery;
 pub mod tss;
 pub mod usb;

@@ -27,6 +27,8 @@ enum Command {
     Identify(cmd::identify::Args),
     /// Walk a Mac from DFU through iBSS and iBEC to `bootx`, using already-personalized images.
     Bootchain(cmd::bootchain::Args),
+    /// Show what a restore would do: identity, components per stage, the main TSS request.
+    Plan(cmd::plan::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::Devices(a) => cmd::devices::run(a),
         Command::Identify(a) => cmd::identify::run(a),
         Command::Bootchain(a) => cmd::bootchain::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
     }
 }
 
