@@ -48,7 +48,8 @@ pub struct PlannedComponent {
     /// `Manifest.<component>.Info.Path`; `None` for `Ap,LocalPolicy`, whose IM4P is built in.
     pub path: Option<String>,
     /// The 4CC the stitched payload carries (restore rewrite, else `Img4PayloadType`, else
-    /// the fixed table); `None` when no source names one.
+    /// the fixed table); `None` when no source names one (newer components such as `AOP2`):
+    /// the IM4P then keeps the tag it has in the IPSW.
     pub fourcc: Option<[u8; 4]>,
     pub ticket: TicketKind,
 }
@@ -383,7 +384,7 @@ impl RestorePlan {
                     s,
                     "  {:<36} {:<5} {}{}",
                     c.component,
-                    c.fourcc.map(fourcc_text).unwrap_or_else(|| "?".into()),
+                    c.fourcc.map(fourcc_text).unwrap_or_else(|| "(own)".into()),
                     c.path
                         .clone()
                         .unwrap_or_else(|| "(built in: 22-byte lpol IM4P)".into()),

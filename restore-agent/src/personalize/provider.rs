@@ -114,7 +114,9 @@ pub enum PersonalizeError {
         #[source]
         source: Img4Error,
     },
-    #[error("cannot personalize {component} from {path}: {source}")]
+    #[error(
+        "cannot personalize {component}: {path} is damaged ({source}); download the IPSW again"
+    )]
     Img4 {
         component: String,
         path: String,
