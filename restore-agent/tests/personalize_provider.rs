@@ -654,3 +654,45 @@ fn damaged_firmware_file_is_named() {
         "{text}"
     );
 }
+
+/// `Ap,RestoreANE1` shares its file with `Ap,ANE1` but is signed as `ran1` (its
+/// Img4PayloadType), although idevicerestore's rewrite list lacks it.
+#[test]
+fn restore_payloads_get_their_manifest_type_even_outside_the_rewrite_list() {
+    let m = manifest("J180dAP");
+    let id = m
+        .select_boot_identity("j180dap", RestoreBehavior::Update)
+        .unwrap();
+    let shared_path = id
+        .component("Ap,RestoreANE1")
+        .unwrap()
+        .path
+        .clone()
+        .unwrap();
+    assert_eq!(
+        id.component("Ap,ANE1").unwrap().path.as_deref(),
+        Some(&*shared_path)
+    );
+    let mut src = source_for(id);
+    // The file carries the normal component's tag, as in the IPSW.
+    src.files.insert(
+        shared_path.clone(),
+        im4p::build(*b"ane1", "test", &payload_for(&shared_path)),
+    );
+    let tss = FakeTss::default();
+    let mut p = Personalizer::new(src, id, tss, params());
+    let tag = |image: &[u8]| {
+        let parts = img4::parse_img4(image).unwrap();
+        im4p::parse(&image[parts.im4p]).unwrap().fourcc
+    };
+    assert_eq!(tag(&p.personalize("Ap,RestoreANE1").unwrap()), *b"ran1");
+    assert_eq!(tag(&p.personalize("Ap,ANE1").unwrap()), *b"ane1");
+    // And the plan shows the same tag.
+    let plan = RestorePlan::new(&m, "j180dap", RestoreBehavior::Update).unwrap();
+    let planned = plan
+        .stage2
+        .iter()
+        .find(|c| c.component == "Ap,RestoreANE1")
+        .unwrap();
+    assert_eq!(planned.fourcc, Some(*b"ran1"));
+}

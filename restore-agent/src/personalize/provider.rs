@@ -304,13 +304,24 @@ impl<S: ComponentSource, T: TssTransport> Personalizer<S, T> {
             });
         }
         let path = self.path_of(component)?;
-        let im4p = self
+        let mut im4p = self
             .source
             .read(&path)
             .map_err(|source| PersonalizeError::Source {
                 component: component.to_string(),
                 source,
             })?;
+        let payload_type = self
+            .identity
+            .component(component)
+            .and_then(|c| c.img4_payload_type.clone());
+        retag(component, payload_type.as_deref(), &mut im4p).map_err(|source| {
+            PersonalizeError::Img4 {
+                component: component.to_string(),
+                path: path.clone(),
+                source,
+            }
+        })?;
         let main = self.ensure_main()?;
         let im4r = main.response.tbm(component).and_then(|tbm| {
             im4r::build(
@@ -392,6 +403,33 @@ impl<S: ComponentSource, T: TssTransport> Personalizer<S, T> {
             .filter_map(|c| self.check(c).err())
             .collect()
     }
+}
+
+/// Give the IM4P the type tag the ticket will list it under, before stitching.
+///
+/// idevicerestore rewrites only a fixed list of `Restore*` names (§5.2, applied again by
+/// `img4::stitch`). Manifests also name restore payloads outside that list through
+/// `Info.Img4PayloadType`: `Ap,RestoreANE1` (`ran1`) shares its file with `Ap,ANE1` (`ane1`)
+/// yet has a different `Digest` in every fixture manifest, exactly like the listed pairs
+/// (`Ap,CIO`/`Ap,RestoreCIO`), so its digest covers the IM4P with `ran1`. We therefore use
+/// the stated payload type whenever the file carries another tag (pymobiledevice3 rewrites
+/// every component it has a tag for, with the same effect).
+fn retag(component: &str, payload_type: Option<&str>, im4p: &mut [u8]) -> Result<(), Img4Error> {
+    let parsed = img4::im4p::parse(im4p)?;
+    let want = img4::fourcc::restore_rewrite(component)
+        .or_else(|| payload_type.and_then(|t| <[u8; 4]>::try_from(t.as_bytes()).ok()));
+    if let Some(tag) = want {
+        if tag != parsed.fourcc {
+            tracing::debug!(
+                "{component}: IM4P type {:?} becomes {:?}",
+                String::from_utf8_lossy(&parsed.fourcc),
+                String::from_utf8_lossy(&tag)
+            );
+            // `parse` proved the 4 type bytes lie inside `im4p` at this offset.
+            im4p[parsed.fourcc_offset..parsed.fourcc_offset + 4].copy_from_slice(&tag);
+        }
+    }
+    Ok(())
 }
 
 fn image_error(component: &str, e: PersonalizeError) -> ImageError {

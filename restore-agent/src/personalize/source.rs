@@ -56,45 +56,78 @@ impl<T: ComponentSource + ?Sized> ComponentSource for Box<T> {
 }
 
 /// A directory holding the IPSW's files at their manifest paths.
+///
+/// Software-update bundles keep their BuildManifest in `AssetData/boot/` and name some files
+/// relative to it with `..` (`../usr/standalone/update/ramdisk/…`); [`DirSource::within`]
+/// allows that as long as the path stays inside the bundle.
 #[derive(Debug, Clone)]
 pub struct DirSource {
+    /// Where relative paths start.
     root: PathBuf,
+    /// What they may not leave (`root` or an ancestor of it).
+    jail: PathBuf,
+    /// `root` relative to `jail`, as path components.
+    start: Vec<std::ffi::OsString>,
 }
 
 impl DirSource {
+    /// Paths resolve against `root` and may not leave it.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        let root = root.into();
+        Self {
+            jail: root.clone(),
+            root,
+            start: Vec::new(),
+        }
     }
 
-    /// The file for a manifest path. Manifest paths are relative and stay inside the IPSW; a
-    /// path that climbs out (`..`) or is absolute is refused rather than followed, because the
-    /// manifest is read from a file the station did not make.
-    pub fn path_for(&self, path: &str) -> Result<PathBuf, SourceError> {
-        let rel = Path::new(path);
-        if path.is_empty() {
-            return Err(SourceError::BadPath {
-                path: path.to_string(),
-                why: "it is empty",
-            });
+    /// Paths resolve against `root` and may climb with `..` up to `jail`. When `root` is not
+    /// inside `jail`, `root` itself is the limit.
+    pub fn within(root: impl Into<PathBuf>, jail: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        let jail = jail.into();
+        match root.strip_prefix(&jail) {
+            Ok(rel) => {
+                let start = rel
+                    .components()
+                    .filter_map(|c| match c {
+                        Component::Normal(n) => Some(n.to_os_string()),
+                        _ => None,
+                    })
+                    .collect();
+                Self { root, jail, start }
+            }
+            Err(_) => Self::new(root),
         }
-        for c in rel.components() {
+    }
+
+    /// The file for a manifest path, resolved lexically (symlinks are not followed up).
+    /// Absolute paths and paths that climb out of the allowed directory are refused rather
+    /// than followed, because the manifest comes from a file the station did not make.
+    pub fn path_for(&self, path: &str) -> Result<PathBuf, SourceError> {
+        let bad = |why| SourceError::BadPath {
+            path: path.to_string(),
+            why,
+        };
+        if path.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        let mut parts = self.start.clone();
+        for c in Path::new(path).components() {
             match c {
-                Component::Normal(_) | Component::CurDir => {}
+                Component::Normal(n) => parts.push(n.to_os_string()),
+                Component::CurDir => {}
                 Component::ParentDir => {
-                    return Err(SourceError::BadPath {
-                        path: path.to_string(),
-                        why: "it climbs out with ..",
-                    })
+                    if parts.pop().is_none() {
+                        return Err(bad("it climbs out with .."));
+                    }
                 }
-                Component::RootDir | Component::Prefix(_) => {
-                    return Err(SourceError::BadPath {
-                        path: path.to_string(),
-                        why: "it is absolute",
-                    })
-                }
+                Component::RootDir | Component::Prefix(_) => return Err(bad("it is absolute")),
             }
         }
-        Ok(self.root.join(rel))
+        let mut out = self.jail.clone();
+        out.extend(parts);
+        Ok(out)
     }
 }
 
@@ -156,6 +189,27 @@ mod tests {
                 "{bad}"
             );
         }
+        assert_eq!(
+            s.path_for("Firmware/./dfu/../x").unwrap(),
+            d.join("Firmware/x")
+        );
+
+        // An update bundle: the manifest in AssetData/boot names files one level up.
+        let boot = d.join("AssetData/boot");
+        let u = DirSource::within(&boot, d.join("AssetData"));
+        assert_eq!(
+            u.path_for("../usr/standalone/update/ramdisk/x.dmg")
+                .unwrap(),
+            d.join("AssetData/usr/standalone/update/ramdisk/x.dmg")
+        );
+        assert_eq!(u.path_for("Firmware/a").unwrap(), boot.join("Firmware/a"));
+        assert!(matches!(
+            u.path_for("../../x"),
+            Err(SourceError::BadPath { .. })
+        ));
+        // A jail that is not an ancestor falls back to the root itself.
+        let v = DirSource::within(&boot, d.join("elsewhere"));
+        assert!(v.path_for("../x").is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
