@@ -6,8 +6,10 @@
 //! `bootchain::driver` executes plans against a [`usb::UsbTransport`].
 
 pub mod bootchain;
+pub mod catalog;
 pub mod dfu;
 pub mod identity;
+pub mod ipsw;
 pub mod manifest;
 pub mod recovery;
 pub mod usb;
