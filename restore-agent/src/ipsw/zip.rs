@@ -177,10 +177,6 @@ impl<'a> Le<'a> {
     }
 }
 
-fn le_u32_at(bytes: &[u8], at: usize) -> Option<u32> {
-    Le::new(bytes.get(at..)?).u32()
-}
-
 /// The End of Central Directory record (ZIP64 values not yet applied).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Eocd {
@@ -206,10 +202,11 @@ impl Eocd {
 pub fn find_eocd(tail: &[u8]) -> Option<Eocd> {
     let last = tail.len().checked_sub(EOCD_LEN)?;
     let first = last.saturating_sub(MAX_COMMENT_LEN);
+    let signature = EOCD_SIGNATURE.to_le_bytes();
     let candidates = || {
         (first..=last)
             .rev()
-            .filter(|&p| le_u32_at(tail, p) == Some(EOCD_SIGNATURE))
+            .filter(move |&p| tail.get(p..p + 4) == Some(&signature[..]))
     };
     let comment_len = |p: usize| -> Option<usize> {
         let mut le = Le::new(tail.get(p + 20..)?);
@@ -633,7 +630,8 @@ impl<R: RandomAccess> ZipArchive<R> {
                         entry.name
                     )));
                 }
-                Inner::Stored(range)
+                // Buffered so that small caller reads still become chunk-sized source reads.
+                Inner::Stored(BufReader::with_capacity(READ_CHUNK, range))
             }
             Method::Deflated => Inner::Deflated(Box::new(flate2::bufread::DeflateDecoder::new(
                 BufReader::with_capacity(READ_CHUNK, range),
@@ -789,7 +787,7 @@ impl<R: RandomAccess> Read for RangeReader<'_, R> {
 }
 
 enum Inner<'a, R> {
-    Stored(RangeReader<'a, R>),
+    Stored(BufReader<RangeReader<'a, R>>),
     Deflated(Box<flate2::bufread::DeflateDecoder<BufReader<RangeReader<'a, R>>>>),
 }
 
@@ -881,5 +879,109 @@ impl<R: RandomAccess> Read for EntryReader<'_, R> {
             self.verify()?;
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eocd(comment: &[u8]) -> Vec<u8> {
+        let mut r = EOCD_SIGNATURE.to_le_bytes().to_vec();
+        r.extend_from_slice(&[0, 0, 0, 0, 2, 0, 2, 0]);
+        r.extend_from_slice(&100u32.to_le_bytes());
+        r.extend_from_slice(&7u32.to_le_bytes());
+        r.extend_from_slice(&(comment.len() as u16).to_le_bytes());
+        r.extend_from_slice(comment);
+        r
+    }
+
+    #[test]
+    fn end_record_found_with_and_without_comment() {
+        let mut tail = vec![0xee; 50];
+        tail.extend(eocd(b""));
+        let found = find_eocd(&tail).unwrap();
+        assert_eq!(found.position, 50);
+        assert_eq!(found.entries, 2);
+        assert_eq!(found.central_directory_len, 100);
+        assert_eq!(found.central_directory_offset, 7);
+
+        // A fake record inside the comment whose length does not reach the end is ignored.
+        let fake = eocd(b"");
+        let mut comment = fake.clone();
+        comment.extend_from_slice(b"trailing");
+        let mut tail = vec![0xee; 10];
+        tail.extend(eocd(&comment));
+        assert_eq!(find_eocd(&tail).unwrap().position, 10);
+
+        assert_eq!(find_eocd(&[]), None);
+        assert_eq!(find_eocd(&EOCD_SIGNATURE.to_le_bytes()), None);
+    }
+
+    #[test]
+    fn zip64_extra_supplies_only_saturated_fields() {
+        let mut extra = Vec::new();
+        extra.extend_from_slice(&0x000au16.to_le_bytes());
+        extra.extend_from_slice(&2u16.to_le_bytes());
+        extra.extend_from_slice(&[9, 9]);
+        extra.extend_from_slice(&ZIP64_EXTRA_ID.to_le_bytes());
+        extra.extend_from_slice(&16u16.to_le_bytes());
+        extra.extend_from_slice(&(5u64 << 32).to_le_bytes());
+        extra.extend_from_slice(&(6u64 << 32).to_le_bytes());
+        let mut fields = Zip64Fields {
+            uncompressed: None,
+            compressed: Some(0),
+            offset: Some(0),
+            disk: None,
+        };
+        apply_zip64_extra(&extra, &mut fields).unwrap();
+        assert_eq!(fields.uncompressed, None);
+        assert_eq!(fields.compressed, Some(5 << 32));
+        assert_eq!(fields.offset, Some(6 << 32));
+
+        let mut fields = Zip64Fields {
+            uncompressed: Some(0),
+            compressed: Some(0),
+            offset: Some(0),
+            disk: None,
+        };
+        assert!(apply_zip64_extra(&extra, &mut fields).is_err());
+        assert!(apply_zip64_extra(&extra[..10], &mut fields).is_err());
+        assert!(apply_zip64_extra(&[], &mut fields).is_err());
+    }
+
+    #[test]
+    fn parsers_survive_arbitrary_bytes() {
+        let mut state = 0x1234_5678u32;
+        for len in 0..300 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|i| {
+                    state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    // Seed signatures now and then so the parsers get past their first check.
+                    match (i, state % 4) {
+                        (0, 0) => 0x50,
+                        (1, 0) => 0x4b,
+                        (2, 0) => 0x01,
+                        (3, 0) => 0x02,
+                        _ => (state >> 16) as u8,
+                    }
+                })
+                .collect();
+            let _ = find_eocd(&bytes);
+            let _ = parse_zip64_locator(&bytes);
+            let _ = parse_zip64_eocd(&bytes);
+            let _ = parse_central_directory(&bytes);
+            let _ = parse_local_header(&bytes);
+        }
+    }
+
+    #[test]
+    fn io_errors_round_trip() {
+        let err = ZipError::from_io(ZipError::MultiDisk.into_io());
+        assert!(matches!(err, ZipError::MultiDisk));
+        let err = ZipError::from_io(io::ErrorKind::UnexpectedEof.into());
+        assert!(matches!(err, ZipError::Truncated(_)));
+        let err = ZipError::from_io(io::ErrorKind::PermissionDenied.into());
+        assert!(matches!(err, ZipError::Io(_)));
     }
 }
