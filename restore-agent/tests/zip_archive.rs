@@ -260,7 +260,14 @@ fn local_files_read_the_same() {
     std::fs::remove_file(&path).unwrap();
 
     let missing = Ipsw::open_path(path.with_extension("missing")).unwrap_err();
-    assert!(matches!(missing, ZipError::Io(ref e) if e.kind() == io::ErrorKind::NotFound));
+    assert!(matches!(
+        missing,
+        ZipError::Open { ref source, .. } if source.kind() == io::ErrorKind::NotFound
+    ));
+    assert!(
+        missing.to_string().contains("zip_archive_local.missing"),
+        "{missing}"
+    );
 }
 
 /// Counts reads, to show that opening stays within a few bounded requests.

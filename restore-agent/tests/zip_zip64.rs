@@ -96,7 +96,7 @@ fn central_header(e: &Central<'_>) -> Vec<u8> {
     h
 }
 
-fn end_records(entries: u64, cd_offset: u64, cd_len: u64) -> Vec<u8> {
+fn end_records(entries: u64, cd_offset: u64, cd_len: u64, comment: &[u8]) -> Vec<u8> {
     let zip64_offset = cd_offset + cd_len;
     let mut r = Vec::new();
     r.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
@@ -122,7 +122,8 @@ fn end_records(entries: u64, cd_offset: u64, cd_len: u64) -> Vec<u8> {
     r.extend_from_slice(&(entries as u16).to_le_bytes());
     r.extend_from_slice(&(cd_len as u32).to_le_bytes());
     r.extend_from_slice(&u32::MAX.to_le_bytes());
-    r.extend_from_slice(&0u16.to_le_bytes());
+    r.extend_from_slice(&(comment.len() as u16).to_le_bytes());
+    r.extend_from_slice(comment);
     r
 }
 
@@ -150,7 +151,7 @@ impl Drop for Fixture {
     }
 }
 
-fn write_fixture(name: &str) -> Fixture {
+fn write_fixture(name: &str, comment: &[u8]) -> Fixture {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let file = OpenOptions::new()
         .create(true)
@@ -235,7 +236,7 @@ fn write_fixture(name: &str) -> Fixture {
 
     let cd: Vec<u8> = central.concat();
     file.write_all_at(&cd, offset).unwrap();
-    let end = end_records(3, offset, cd.len() as u64);
+    let end = end_records(3, offset, cd.len() as u64, comment);
     file.write_all_at(&end, offset + cd.len() as u64).unwrap();
     let len = offset + (cd.len() + end.len()) as u64;
     file.sync_all().unwrap();
@@ -253,7 +254,7 @@ fn write_fixture(name: &str) -> Fixture {
 
 #[test]
 fn entries_beyond_four_gib() {
-    let fixture = write_fixture("zip64_beyond_4gib.ipsw");
+    let fixture = write_fixture("zip64_beyond_4gib.ipsw", b"");
     assert!(fixture.manifest_header_offset > FOUR_GIB);
 
     let ipsw = Ipsw::open_path(&fixture.path).unwrap();
@@ -306,7 +307,7 @@ fn entries_beyond_four_gib() {
 
 #[test]
 fn a_cut_off_large_ipsw_is_truncated() {
-    let fixture = write_fixture("zip64_truncated.ipsw");
+    let fixture = write_fixture("zip64_truncated.ipsw", b"");
     // As if the download stopped inside the OS image.
     let file = OpenOptions::new().write(true).open(&fixture.path).unwrap();
     file.set_len(fixture.os_data_offset + FOUR_GIB).unwrap();
@@ -325,4 +326,14 @@ fn a_cut_off_large_ipsw_is_truncated() {
         Ipsw::open_path(&fixture.path),
         Err(ZipError::Truncated(_))
     ));
+}
+
+#[test]
+fn zip64_record_outside_the_tail_read() {
+    // A maximal comment pushes the ZIP64 record out of the tail the reader fetches first, so
+    // it needs its own read.
+    let fixture = write_fixture("zip64_long_comment.ipsw", &[b'c'; 65_535]);
+    let ipsw = Ipsw::open_path(&fixture.path).unwrap();
+    assert_eq!(ipsw.archive().entries().len(), 3);
+    assert_eq!(ipsw.build_manifest().unwrap(), fixture.manifest);
 }

@@ -49,7 +49,11 @@ impl<R: RandomAccess> Ipsw<R> {
 impl Ipsw<LocalFile> {
     /// Opens an IPSW on disk.
     pub fn open_path(path: impl AsRef<std::path::Path>) -> Result<Self, ZipError> {
-        let file = LocalFile::open(path).map_err(ZipError::Io)?;
+        let path = path.as_ref();
+        let file = LocalFile::open(path).map_err(|source| ZipError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::open(file)
     }
 }

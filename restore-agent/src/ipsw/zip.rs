@@ -94,6 +94,12 @@ impl ZipEntry {
 /// Errors of the ZIP layer; messages tell a technician what to do about the IPSW.
 #[derive(Debug, Error)]
 pub enum ZipError {
+    #[error("cannot open the IPSW {path}: {source}; check the path given with --ipsw")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("reading the IPSW failed: {0}")]
     Io(#[source] io::Error),
     #[error("the IPSW is truncated (download incomplete?): {0}; download it again")]
@@ -437,62 +443,8 @@ impl<R: RandomAccess> ZipArchive<R> {
         if eocd.disk != 0 || eocd.central_directory_disk != 0 {
             return Err(ZipError::MultiDisk);
         }
-        let eocd_offset = tail_start + eocd.position as u64;
-
-        let locator = eocd
-            .position
-            .checked_sub(ZIP64_LOCATOR_LEN)
-            .and_then(|at| parse_zip64_locator(&tail[at..eocd.position]));
-        let (entries_declared, cd_len, cd_offset, cd_end_limit) = match locator {
-            Some((record_offset, disks)) => {
-                if disks > 1 {
-                    return Err(ZipError::MultiDisk);
-                }
-                record_offset
-                    .checked_add(ZIP64_EOCD_LEN as u64)
-                    .filter(|&end| end <= eocd_offset - ZIP64_LOCATOR_LEN as u64)
-                    .ok_or_else(|| {
-                        ZipError::Corrupt("the ZIP64 locator points outside the file".into())
-                    })?;
-                let mut record = [0u8; ZIP64_EOCD_LEN];
-                // Usually the record sits right before the locator, inside the tail.
-                match slice_of(&tail, tail_start, record_offset, ZIP64_EOCD_LEN) {
-                    Some(bytes) => record.copy_from_slice(bytes),
-                    None => read(&source, record_offset, &mut record)?,
-                }
-                let z = parse_zip64_eocd(&record)?;
-                if z.disk != 0 || z.central_directory_disk != 0 {
-                    return Err(ZipError::MultiDisk);
-                }
-                (
-                    z.entries,
-                    z.central_directory_len,
-                    z.central_directory_offset,
-                    record_offset,
-                )
-            }
-            None if eocd.needs_zip64() => {
-                return Err(ZipError::Corrupt(
-                    "the end record needs a ZIP64 record, which is missing".into(),
-                ))
-            }
-            None => (
-                u64::from(eocd.entries),
-                u64::from(eocd.central_directory_len),
-                u64::from(eocd.central_directory_offset),
-                eocd_offset,
-            ),
-        };
-
-        cd_offset
-            .checked_add(cd_len)
-            .filter(|&end| end <= cd_end_limit)
-            .ok_or_else(|| {
-                ZipError::Corrupt(format!(
-                    "the central directory ({cd_len} bytes at {cd_offset}) runs past its end \
-                     records at {cd_end_limit}"
-                ))
-            })?;
+        let directory = locate_directory(&source, &tail, tail_start, &eocd)?;
+        let (cd_offset, cd_len) = (directory.offset, directory.len);
         if cd_len > MAX_CENTRAL_DIRECTORY_LEN {
             return Err(ZipError::Corrupt(format!(
                 "a {cd_len}-byte central directory is far larger than any IPSW's"
@@ -510,14 +462,15 @@ impl<R: RandomAccess> ZipArchive<R> {
         let parsed = entries.len() as u64;
         // Without ZIP64 the 16-bit count wraps for >65535 entries; the directory itself is
         // the authority then.
-        let count_matches = match locator {
-            Some(_) => parsed == entries_declared,
-            None => parsed % 0x1_0000 == entries_declared,
+        let count_matches = if directory.zip64 {
+            parsed == directory.entries
+        } else {
+            parsed % 0x1_0000 == directory.entries
         };
         if !count_matches {
             return Err(ZipError::Corrupt(format!(
-                "the central directory holds {parsed} entries but the end record says \
-                 {entries_declared}"
+                "the central directory holds {parsed} entries but the end record says {}",
+                directory.entries
             )));
         }
 
@@ -576,7 +529,7 @@ impl<R: RandomAccess> ZipArchive<R> {
                 entry.name, entry.local_header_offset
             ))
         })?;
-        let start = header_end + variable;
+        let start = header_end.saturating_add(variable);
         start
             .checked_add(entry.compressed_size)
             .filter(|&end| end <= self.data_limit)
@@ -664,6 +617,84 @@ impl<R: RandomAccess> ZipArchive<R> {
         reader.read_to_end(&mut out).map_err(ZipError::from_io)?;
         Ok(out)
     }
+}
+
+/// Where the central directory is, from the end record and, when present, the ZIP64 record.
+struct DirectoryLocation {
+    entries: u64,
+    offset: u64,
+    len: u64,
+    zip64: bool,
+}
+
+fn locate_directory<R: RandomAccess>(
+    source: &R,
+    tail: &[u8],
+    tail_start: u64,
+    eocd: &Eocd,
+) -> Result<DirectoryLocation, ZipError> {
+    let eocd_offset = tail_start + eocd.position as u64;
+    let locator = eocd
+        .position
+        .checked_sub(ZIP64_LOCATOR_LEN)
+        .and_then(|at| parse_zip64_locator(tail.get(at..eocd.position)?));
+    // The directory must end before the first end record that follows it.
+    let (location, records_start) = match locator {
+        Some((record_offset, disks)) => {
+            if disks > 1 {
+                return Err(ZipError::MultiDisk);
+            }
+            let locator_offset = eocd_offset - ZIP64_LOCATOR_LEN as u64;
+            record_offset
+                .checked_add(ZIP64_EOCD_LEN as u64)
+                .filter(|&end| end <= locator_offset)
+                .ok_or_else(|| {
+                    ZipError::Corrupt("the ZIP64 locator points outside the file".into())
+                })?;
+            let mut record = [0u8; ZIP64_EOCD_LEN];
+            // Usually the record sits right before the locator, inside the tail.
+            match slice_of(tail, tail_start, record_offset, ZIP64_EOCD_LEN) {
+                Some(bytes) => record.copy_from_slice(bytes),
+                None => read(source, record_offset, &mut record)?,
+            }
+            let z = parse_zip64_eocd(&record)?;
+            if z.disk != 0 || z.central_directory_disk != 0 {
+                return Err(ZipError::MultiDisk);
+            }
+            let location = DirectoryLocation {
+                entries: z.entries,
+                offset: z.central_directory_offset,
+                len: z.central_directory_len,
+                zip64: true,
+            };
+            (location, record_offset)
+        }
+        None if eocd.needs_zip64() => {
+            return Err(ZipError::Corrupt(
+                "the end record needs a ZIP64 record, which is missing".into(),
+            ))
+        }
+        None => {
+            let location = DirectoryLocation {
+                entries: u64::from(eocd.entries),
+                offset: u64::from(eocd.central_directory_offset),
+                len: u64::from(eocd.central_directory_len),
+                zip64: false,
+            };
+            (location, eocd_offset)
+        }
+    };
+    let (offset, len) = (location.offset, location.len);
+    offset
+        .checked_add(len)
+        .filter(|&end| end <= records_start)
+        .ok_or_else(|| {
+            ZipError::Corrupt(format!(
+                "the central directory ({len} bytes at {offset}) runs past its end records \
+                 at {records_start}"
+            ))
+        })?;
+    Ok(location)
 }
 
 fn check_readable(entry: &ZipEntry) -> Result<(), ZipError> {
