@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use plist::Value;
+use restore_agent::ipsw::Ipsw;
 use restore_agent::manifest::{BuildManifest, RestoreBehavior};
 use restore_agent::personalize::RestorePlan;
 use restore_agent::tss::{self, RequestUuid, TssParams};
@@ -71,10 +72,10 @@ fn read_manifest(args: &Args) -> anyhow::Result<BuildManifest> {
         return Ok(BuildManifest::from_path(path)?);
     }
     if let Some(path) = &args.ipsw {
-        bail!(
-            "reading {} directly is not supported by this build yet: unzip BuildManifest.plist from it and pass --manifest",
-            path.display()
-        );
+        let ipsw = Ipsw::open_path(path)?;
+        let bytes = ipsw.build_manifest()?;
+        return BuildManifest::from_bytes(&bytes)
+            .with_context(|| format!("reading BuildManifest.plist from {}", path.display()));
     }
     bail!("give --ipsw or --manifest")
 }

@@ -18,4 +18,4 @@ pub use plan::{PlanItem, PlannedComponent, RestorePlan, RestorePlanError, Ticket
 pub use provider::{
     PersonalizeError, Personalizer, TicketRequest, TssTransport, TssTransportError,
 };
-pub use source::{ComponentSource, DirSource, SourceError};
+pub use source::{ComponentSource, DirSource, IpswSource, SourceError};

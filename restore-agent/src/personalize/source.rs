@@ -3,6 +3,13 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::ipsw::{Ipsw, LocalFile, RandomAccess, ZipError};
+
+/// The largest firmware file read into memory. Restore ramdisks are the biggest boot-chain
+/// files (100+ MB, §9.7); the cap keeps a damaged size field from exhausting the small
+/// rescue image's memory. The OS image is streamed, never read through this.
+pub const MAX_COMPONENT_LEN: u64 = 1 << 30;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
     #[error("{path} is not in {source_name}; the IPSW is incomplete or not the one this BuildManifest belongs to: download it again")]
@@ -156,6 +163,64 @@ impl ComponentSource for DirSource {
 
     fn name(&self) -> String {
         self.root.display().to_string()
+    }
+}
+
+/// Firmware read straight out of an IPSW (local file, or a remote one behind [`RandomAccess`]).
+#[derive(Debug)]
+pub struct IpswSource<R> {
+    ipsw: Ipsw<R>,
+    name: String,
+}
+
+impl<R: RandomAccess> IpswSource<R> {
+    /// `name` is how messages call the IPSW (its file name or URL).
+    pub fn new(ipsw: Ipsw<R>, name: impl Into<String>) -> Self {
+        Self {
+            ipsw,
+            name: name.into(),
+        }
+    }
+
+    pub fn ipsw(&self) -> &Ipsw<R> {
+        &self.ipsw
+    }
+}
+
+impl IpswSource<LocalFile> {
+    /// Open an IPSW on disk.
+    pub fn open_path(path: impl AsRef<Path>) -> Result<Self, ZipError> {
+        let path = path.as_ref();
+        Ok(Self::new(
+            Ipsw::open_path(path)?,
+            path.display().to_string(),
+        ))
+    }
+}
+
+impl<R: RandomAccess> ComponentSource for IpswSource<R> {
+    fn read(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+        self.ipsw
+            .read_small(path, MAX_COMPONENT_LEN)
+            .map_err(|e| match e {
+                ZipError::NoSuchEntry { .. } => SourceError::Missing {
+                    path: path.to_string(),
+                    source_name: self.name(),
+                },
+                other => SourceError::Unreadable {
+                    path: path.to_string(),
+                    source_name: self.name(),
+                    reason: other.to_string(),
+                },
+            })
+    }
+
+    fn contains(&self, path: &str) -> Result<bool, SourceError> {
+        Ok(self.ipsw.archive().entry(path).is_some())
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
     }
 }
 
