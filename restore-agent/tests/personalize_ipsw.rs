@@ -143,6 +143,34 @@ fn plan_reads_the_manifest_from_an_ipsw() {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["identity"]["variant"], "Customer Software Update");
     assert_eq!(j["stages"]["dfu"][0]["component"], "iBSS");
+    // The file left out of the IPSW is reported for both components made from it.
+    let missing: Vec<(String, String)> = j["missing_from_ipsw"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["component"].as_str().unwrap().to_string(),
+                m["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        missing.contains(&("RestoreDCP".into(), SKIPPED.into())),
+        "{missing:?}"
+    );
+    assert!(
+        missing.contains(&("Ap,RestoreDCP2".into(), SKIPPED.into())),
+        "{missing:?}"
+    );
+    assert!(
+        missing.contains(&("__RestoreVersion__".into(), "RestoreVersion.plist".into())),
+        "{missing:?}"
+    );
+    assert!(
+        !missing.iter().any(|(c, _)| c == "iBSS" || c == "iBEC"),
+        "{missing:?}"
+    );
 
     // Not a ZIP: the technician learns what is wrong with the file.
     let bad = std::env::temp_dir().join(format!("macrescue-plan-bad-{}.ipsw", std::process::id()));

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use plist::Value;
-use restore_agent::ipsw::Ipsw;
+use restore_agent::ipsw::LocalFile;
 use restore_agent::manifest::{BuildManifest, RestoreBehavior};
-use restore_agent::personalize::RestorePlan;
+use restore_agent::personalize::{ComponentSource, IpswSource, RestorePlan};
 use restore_agent::tss::{self, RequestUuid, TssParams};
 use serde_json::{json, Value as Json};
 
@@ -67,17 +67,34 @@ fn parse_ecid(s: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("--ecid {s:?} is not a hex ECID (as `devices` prints it)"))
 }
 
-fn read_manifest(args: &Args) -> anyhow::Result<BuildManifest> {
+/// The manifest, and the opened IPSW when one was given (to check its files).
+fn read_manifest(args: &Args) -> anyhow::Result<(BuildManifest, Option<IpswSource<LocalFile>>)> {
     if let Some(path) = &args.manifest {
-        return Ok(BuildManifest::from_path(path)?);
+        return Ok((BuildManifest::from_path(path)?, None));
     }
     if let Some(path) = &args.ipsw {
-        let ipsw = Ipsw::open_path(path)?;
-        let bytes = ipsw.build_manifest()?;
-        return BuildManifest::from_bytes(&bytes)
-            .with_context(|| format!("reading BuildManifest.plist from {}", path.display()));
+        let source = IpswSource::open_path(path)?;
+        let bytes = source.ipsw().build_manifest()?;
+        let manifest = BuildManifest::from_bytes(&bytes)
+            .with_context(|| format!("reading BuildManifest.plist from {}", path.display()))?;
+        return Ok((manifest, Some(source)));
     }
     bail!("give --ipsw or --manifest")
+}
+
+/// Boot-chain and restore files the plan names that the IPSW lacks: (component, path).
+fn missing_files(plan: &RestorePlan, source: &IpswSource<LocalFile>) -> Vec<(String, String)> {
+    let boot = plan
+        .boot_components()
+        .into_iter()
+        .filter_map(|c| Some((c.component.clone(), c.path.clone()?)));
+    let restore = plan
+        .restore
+        .iter()
+        .filter_map(|i| Some((i.component.clone(), i.path.clone()?)));
+    boot.chain(restore)
+        .filter(|(_, path)| !matches!(source.contains(path), Ok(true)))
+        .collect()
 }
 
 /// A TSS request value as JSON. Data becomes lowercase hex (the request's digests and nonces
@@ -106,7 +123,7 @@ pub fn plist_to_json(v: &Value) -> Json {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let manifest = read_manifest(&args)?;
+    let (manifest, ipsw) = read_manifest(&args)?;
     let behavior = if args.erase {
         RestoreBehavior::Erase
     } else {
@@ -144,6 +161,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let params = TssParams::new(ecid, Some(ap_nonce), Some(sep_nonce));
     let uuid = RequestUuid::parse(PLACEHOLDER_UUID)?;
     let request = tss::main_ap_request(&identity.raw, &params, &uuid)?;
+    let missing = ipsw.as_ref().map(|source| missing_files(&plan, source));
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -151,10 +169,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut doc = plan.to_json();
         doc["tss_request"] = plist_to_json(&Value::Dictionary(request));
         doc["tss_placeholders"] = json!(placeholders);
+        if let Some(missing) = &missing {
+            doc["missing_from_ipsw"] = missing
+                .iter()
+                .map(|(c, p)| json!({"component": c, "path": p}))
+                .collect();
+        }
         serde_json::to_writer_pretty(&mut out, &doc)?;
         writeln!(out)?;
     } else {
         write!(out, "{}", plan.to_text())?;
+        if let (Some(missing), Some(source)) = (&missing, &ipsw) {
+            if missing.is_empty() {
+                writeln!(out, "\nevery file above is in {}", source.name())?;
+            } else {
+                writeln!(
+                    out,
+                    "\nMISSING from {} (a restore would stop before DFU; download the IPSW again):",
+                    source.name()
+                )?;
+                for (c, p) in missing {
+                    writeln!(out, "  {c:<36} {p}")?;
+                }
+            }
+        }
         writeln!(out, "\nmain TSS request (§4.4):")?;
         if placeholders.len() > 1 {
             writeln!(

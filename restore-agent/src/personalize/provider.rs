@@ -226,17 +226,19 @@ impl<S: ComponentSource, T: TssTransport> Personalizer<S, T> {
     }
 
     fn ensure_main(&mut self) -> Result<&MainTicket, PersonalizeError> {
-        if self.main.is_none() {
-            let which = TicketRequest::Main;
-            let req =
-                tss::main_ap_request(&self.identity.raw, &self.params, &RequestUuid::random())
-                    .map_err(|source| PersonalizeError::Tss { which, source })?;
-            let response = self.send(which, &req)?;
-            let ticket = Self::ticket_of(which, &response)?;
-            self.main = Some(MainTicket { response, ticket });
-        }
-        // Just filled above when it was empty.
-        Ok(self.main.as_ref().expect("main ticket present"))
+        let main = match self.main.take() {
+            Some(m) => m,
+            None => {
+                let which = TicketRequest::Main;
+                let req =
+                    tss::main_ap_request(&self.identity.raw, &self.params, &RequestUuid::random())
+                        .map_err(|source| PersonalizeError::Tss { which, source })?;
+                let response = self.send(which, &req)?;
+                let ticket = Self::ticket_of(which, &response)?;
+                MainTicket { response, ticket }
+            }
+        };
+        Ok(self.main.insert(main))
     }
 
     /// The main `ApImg4Ticket` (§4.4), fetched on first use.
@@ -246,36 +248,42 @@ impl<S: ComponentSource, T: TssTransport> Personalizer<S, T> {
 
     /// The DFU-stage local-policy ticket (§4.6), bound to the current main ticket.
     pub fn local_policy_ticket(&mut self) -> Result<&[u8], PersonalizeError> {
-        if self.local_policy.is_none() {
-            let which = TicketRequest::LocalPolicy;
-            let main = self.ensure_main()?.ticket.clone();
-            let req = tss::local_policy_request(
-                &self.identity.raw,
-                &self.params,
-                &main,
-                &RequestUuid::random(),
-            )
-            .map_err(|source| PersonalizeError::Tss { which, source })?;
-            let response = self.send(which, &req)?;
-            self.local_policy = Some(Self::ticket_of(which, &response)?);
-        }
-        Ok(self.local_policy.as_deref().unwrap_or_default())
+        let ticket = match self.local_policy.take() {
+            Some(t) => t,
+            None => {
+                let which = TicketRequest::LocalPolicy;
+                let main = self.ensure_main()?.ticket.clone();
+                let req = tss::local_policy_request(
+                    &self.identity.raw,
+                    &self.params,
+                    &main,
+                    &RequestUuid::random(),
+                )
+                .map_err(|source| PersonalizeError::Tss { which, source })?;
+                let response = self.send(which, &req)?;
+                Self::ticket_of(which, &response)?
+            }
+        };
+        Ok(self.local_policy.insert(ticket))
     }
 
     /// The recoveryOS root ticket (§4.7), for restore mode's `RecoveryOSRootTicketData`.
     pub fn recovery_os_root_ticket(&mut self) -> Result<&[u8], PersonalizeError> {
-        if self.root.is_none() {
-            let which = TicketRequest::RecoveryOsRoot;
-            let req = tss::recovery_os_root_request(
-                &self.identity.raw,
-                &self.params,
-                &RequestUuid::random(),
-            )
-            .map_err(|source| PersonalizeError::Tss { which, source })?;
-            let response = self.send(which, &req)?;
-            self.root = Some(Self::ticket_of(which, &response)?);
-        }
-        Ok(self.root.as_deref().unwrap_or_default())
+        let ticket = match self.root.take() {
+            Some(t) => t,
+            None => {
+                let which = TicketRequest::RecoveryOsRoot;
+                let req = tss::recovery_os_root_request(
+                    &self.identity.raw,
+                    &self.params,
+                    &RequestUuid::random(),
+                )
+                .map_err(|source| PersonalizeError::Tss { which, source })?;
+                let response = self.send(which, &req)?;
+                Self::ticket_of(which, &response)?
+            }
+        };
+        Ok(self.root.insert(ticket))
     }
 
     fn path_of(&self, component: &str) -> Result<String, PersonalizeError> {
@@ -342,7 +350,9 @@ impl<S: ComponentSource, T: TssTransport> Personalizer<S, T> {
     }
 
     /// New nonces from the Mac: drop every nonce-bound ticket and, when tickets were already
-    /// in use, fetch the main and the local-policy ticket again right away (module docs).
+    /// in use, fetch the main and the local-policy ticket again right away (module docs), so a
+    /// refusal surfaces here rather than in the middle of a stage. A `sep_nonce` of `None`
+    /// (not in the re-enumerated serial string) keeps the SepNonce known so far.
     pub fn refresh(
         &mut self,
         ap_nonce: &[u8],
