@@ -384,3 +384,36 @@ fn json_has_the_documented_shape() {
         .iter()
         .any(|i| i["component"] == "OS"));
 }
+
+#[test]
+fn an_identity_missing_a_boot_component_is_refused_by_name() {
+    let bytes = full_ipsw_manifest();
+    let mut root = Value::from_reader_xml(&bytes[..])
+        .unwrap()
+        .into_dictionary()
+        .unwrap();
+    let ids = root
+        .get_mut("BuildIdentities")
+        .unwrap()
+        .as_array_mut()
+        .unwrap();
+    for id in ids.iter_mut() {
+        id.as_dictionary_mut()
+            .unwrap()
+            .get_mut("Manifest")
+            .unwrap()
+            .as_dictionary_mut()
+            .unwrap()
+            .remove("RestoreKernelCache");
+    }
+    let mut out = Vec::new();
+    Value::Dictionary(root).to_writer_xml(&mut out).unwrap();
+    let m = BuildManifest::from_bytes(&out).unwrap();
+    let e = RestorePlan::new(&m, "j274ap", RestoreBehavior::Erase).unwrap_err();
+    assert!(matches!(e, RestorePlanError::Steps(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("RestoreKernelCache") && text.contains("Customer Erase Install (IPSW)"),
+        "{text}"
+    );
+}
