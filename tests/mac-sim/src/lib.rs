@@ -13,5 +13,6 @@ pub mod iboot;
 pub mod images;
 pub mod img4;
 pub mod inproc;
+pub mod restore;
 pub mod usbip;
 pub mod wire;
