@@ -98,6 +98,12 @@ impl RestoreOs {
         mux_cfg.ack_delay = Duration::from_millis(scenario.faults.ack_delay_ms);
         let link = MuxLink::new(DeviceMux::new(mux_cfg), cfg.timeout);
         let report = Arc::new(Mutex::new(Report::default()));
+        // restored listens before the USB interface comes up: a host connecting at once
+        // must not be refused.
+        link.listen(restored::RESTORED_PORT);
+        if scenario.reverse_proxy != scenario::ReverseProxy::Off {
+            link.listen(proxy::CTRL_PORT);
+        }
         let player = Player::new(link.clone(), scenario, info, report.clone());
         std::thread::Builder::new()
             .name("mac-sim-restored".into())

@@ -627,6 +627,11 @@ impl Player {
         if let Some(p) = port {
             self.link.unlisten(p);
         }
+        if let (Err(Stop::Reject(why)), Some(c)) = (&result, &data_conn) {
+            // restored drops the data connection when it refuses what came over it, so a
+            // host still streaming sees the reason at once instead of a stalled window.
+            c.reset(why);
+        }
         result?;
         self.served(dt);
         Ok(())

@@ -850,8 +850,10 @@ impl DeviceMux {
             }
         }
         // Forget closed connections that have nothing left to say.
-        self.conns
-            .retain(|_, c| c.state != State::Closed || c.pending_flags.is_some());
+        // Data received before a host RST stays readable (hosts close right after writing).
+        self.conns.retain(|_, c| {
+            c.state != State::Closed || c.pending_flags.is_some() || !c.rx_buf.is_empty()
+        });
         None
     }
 
