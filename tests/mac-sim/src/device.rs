@@ -722,6 +722,70 @@ mod tests {
     }
 
     #[test]
+    fn restore_mode_forwards_the_mux_endpoints_to_the_restore_os() {
+        use crate::restore::restored::DeviceInfo;
+        use crate::restore::scenario::Scenario;
+        use crate::restore::{RestoreConfig, RestoreOs};
+        let mut m = mac(StartMode::Recovery, Faults::default()).with_restore(Box::new(
+            |board: &Board, id: &Identity| {
+                let info = DeviceInfo {
+                    board_config: board.board_config.clone(),
+                    cpid: board.cpid,
+                    bdid: board.bdid,
+                    ecid: id.ecid,
+                    serial_number: id.serial_number.clone(),
+                };
+                RestoreOs::start(
+                    Scenario::shipped("mac-revive").unwrap(),
+                    info,
+                    RestoreConfig {
+                        timeout: Duration::from_millis(200),
+                        ..RestoreConfig::default()
+                    },
+                )
+            },
+        ));
+        m.pending = Some(Next::Mode(UsbMode::Restore));
+        let t0 = Instant::now();
+        assert_eq!(m.poll_link(t0), Some(LinkChange::Detach));
+        assert_eq!(
+            m.poll_link(t0 + Duration::from_millis(100)),
+            Some(LinkChange::Attach)
+        );
+        assert_eq!(m.mode(), UsbMode::Restore);
+        let set_config = Setup {
+            request_type: 0,
+            request: 9,
+            value: 1,
+            index: 0,
+            length: 0,
+        };
+        assert_eq!(m.control(&set_config, &[]), Reply::Ack(vec![]));
+        let ep_in = crate::descriptors::EP_MUX_IN;
+        let ep_out = crate::descriptors::EP_MUX_OUT;
+        assert_eq!(m.bulk_in(ep_in, 16384), Reply::Nak);
+        let version = [0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(m.bulk_out(ep_out, &version), Reply::Ack(vec![]));
+        assert_eq!(m.bulk_in(ep_in, 16384), Reply::Ack(version.to_vec()));
+        assert!(m.restore_os().is_some());
+    }
+
+    #[test]
+    fn restore_mode_without_a_scenario_only_naks() {
+        let mut m = mac(StartMode::Recovery, Faults::default());
+        m.pending = Some(Next::Mode(UsbMode::Restore));
+        let t0 = Instant::now();
+        m.poll_link(t0);
+        m.poll_link(t0 + Duration::from_millis(100));
+        m.configuration = 1;
+        assert_eq!(m.bulk_in(crate::descriptors::EP_MUX_IN, 512), Reply::Nak);
+        assert_eq!(
+            m.bulk_out(crate::descriptors::EP_MUX_OUT, &[0; 20]),
+            Reply::Stall
+        );
+    }
+
+    #[test]
     fn reboot_detaches_then_attaches_after_boot_delay() {
         let mut m = mac(StartMode::Recovery, Faults::default());
         m.pending = Some(Next::Mode(UsbMode::Recovery(2)));

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use host::{Bad, Host, Job};
 use mac_sim::restore::restored::{DeviceInfo, Outcome};
-use mac_sim::restore::scenario::{DataRequest, Scenario, Step};
+use mac_sim::restore::scenario::{DataRequest, ReverseProxy, Scenario, Step};
 use mac_sim::restore::usbmux::Violation;
 use mac_sim::restore::{RestoreConfig, RestoreHandle, RestoreOs};
 
@@ -38,7 +38,8 @@ fn run(s: Scenario, bad: Bad) -> (Result<(), String>, RestoreHandle, Host) {
         behavior,
         image_seed: s.image.seed.unwrap(),
         image_size: s.image.size,
-        proxy: s.reverse_proxy != mac_sim::restore::scenario::ReverseProxy::Off,
+        proxy: s.reverse_proxy != ReverseProxy::Off,
+        proxy_ping: s.reverse_proxy == ReverseProxy::Ping,
     };
     let cfg = RestoreConfig {
         timeout: Duration::from_secs(5),
@@ -75,6 +76,7 @@ fn revive_scenario_restores_end_to_end() {
         "PersonalizedBootObjectV3",
         "SourceBootObjectV4",
         "BootabilityBundle",
+        "RecoveryOSASRImage",
         "SystemImageData",
         "ReceiptManifest",
         "FirmwareUpdaterPreflight",
@@ -182,7 +184,7 @@ fn asr_byte_error_is_found_at_its_offset() {
             asr_corrupt_byte: Some(1_000_003),
             ..Bad::default()
         },
-        "SystemImageData",
+        "RecoveryOSASRImage",
         "at byte 1000003",
     );
 }
@@ -194,7 +196,7 @@ fn asr_bad_chunk_checksum_is_rejected() {
             asr_bad_chunk_sha: true,
             ..Bad::default()
         },
-        "SystemImageData",
+        "RecoveryOSASRImage",
         "SHA-1 after chunk 1",
     );
 }
@@ -206,7 +208,7 @@ fn asr_bad_oob_and_wrong_size_are_rejected() {
             asr_bad_oob: true,
             ..Bad::default()
         },
-        "SystemImageData",
+        "RecoveryOSASRImage",
         "OOB read of 4096 bytes at offset 0",
     );
     expect_rejected(
@@ -214,7 +216,7 @@ fn asr_bad_oob_and_wrong_size_are_rejected() {
             asr_wrong_size: true,
             ..Bad::default()
         },
-        "SystemImageData",
+        "RecoveryOSASRImage",
         "Payload.Size",
     );
 }
@@ -367,4 +369,56 @@ fn unknown_data_type_makes_the_host_abort() {
             data_type: "SimulatedFutureData".into()
         }
     );
+}
+
+fn small(name: &str) -> Scenario {
+    let mut s = scenario(name);
+    s.image.size = 300_000;
+    s
+}
+
+#[test]
+fn reverse_proxy_ping_over_v2_and_v1() {
+    for v1 in [false, true] {
+        let mut s = small("mac-revive");
+        s.reverse_proxy = ReverseProxy::Ping;
+        let (r, handle, _) = run(
+            s,
+            Bad {
+                proxy_v1: v1,
+                ..Bad::default()
+            },
+        );
+        assert_eq!(r, Ok(()), "v1={v1}: {:#?}", handle.report().log);
+        let p = handle.report().proxy.unwrap();
+        assert_eq!(p.ctrl_version, Some(if v1 { 1 } else { 2 }));
+        assert!(p.ping_ok);
+    }
+}
+
+#[test]
+fn missing_reverse_proxy_is_rejected_when_the_scenario_needs_it() {
+    let (r, handle, _) = run(
+        small("mac-revive"),
+        Bad {
+            skip_proxy: true,
+            ..Bad::default()
+        },
+    );
+    let err = r.unwrap_err();
+    assert!(err.contains("reverse proxy on device port 1082"), "{err}");
+    assert!(matches!(handle.outcome(), Outcome::Rejected { step, .. } if step == "StartRestore"));
+}
+
+#[test]
+fn a_preflight_session_is_counted() {
+    let (r, handle, _) = run(
+        small("mac-erase"),
+        Bad {
+            preflight: true,
+            ..Bad::default()
+        },
+    );
+    assert_eq!(r, Ok(()), "{:#?}", handle.report().log);
+    assert_eq!(handle.report().main_sessions, 2);
 }

@@ -264,6 +264,19 @@ impl Player {
             if let Some(options) = self.serve_requests(&main)? {
                 if let Some(t) = proxy_thread {
                     let _ = t.join();
+                    let proxy = self
+                        .report
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .proxy
+                        .clone();
+                    if let Some(err) = proxy.and_then(|p| p.error) {
+                        let why = format!(
+                            "the reverse proxy on device port 1082 did not come up before \
+                             StartRestore: {err}"
+                        );
+                        return self.reject(&main, "StartRestore", why, 10);
+                    }
                 }
                 if let Err(why) = self.check_start_restore(&options) {
                     return self.reject(&main, "StartRestore", why, 10);

@@ -35,6 +35,12 @@ pub struct Bad {
     pub missing_required_type: Option<String>,
     pub behavior: Option<String>,
     pub no_final_ack: bool,
+    /// Speak the v1 (HelloCtrl) reverse-proxy control protocol.
+    pub proxy_v1: bool,
+    /// Skip the reverse proxy although the scenario wants it.
+    pub skip_proxy: bool,
+    /// Open and close one QueryType session first, like usbmuxd's preflight (§6.8).
+    pub preflight: bool,
 }
 
 struct HConn {
@@ -181,6 +187,10 @@ impl Host {
             return Ok(true);
         };
         if flags & 0x04 != 0 {
+            // Later RSTs answer our packets still in flight; the first carries the reason.
+            if c.dead.is_some() {
+                return Ok(true);
+            }
             c.dead = Some(format!(
                 "device reset port {}: {}",
                 c.dport,
@@ -361,6 +371,8 @@ pub struct Job {
     pub image_seed: u64,
     pub image_size: u64,
     pub proxy: bool,
+    /// The device will ask for a connection channel and ping it.
+    pub proxy_ping: bool,
 }
 
 fn ticket(job: &Job, bad: &Bad) -> Vec<u8> {
@@ -565,6 +577,14 @@ impl Host {
     /// Run a whole restore; Ok(()) when the Mac reported success.
     pub fn restore(&mut self, job: &Job) -> Result<(), String> {
         self.handshake()?;
+        if self.bad.preflight {
+            let pre = self.connect(62078)?;
+            self.send_plist(pre, d(vec![("Request", st("QueryType"))]), false)?;
+            self.recv_plist(pre)?;
+            self.send_plist(pre, d(vec![("Request", st("Goodbye"))]), false)?;
+            self.recv_plist(pre)?;
+            self.close(pre)?;
+        }
         let main = self.connect(62078)?;
         self.send_plist(
             main,
@@ -591,27 +611,82 @@ impl Host {
                 );
             }
         }
-        if job.proxy {
-            let ctrl = self.connect(1082)?;
+        if job.proxy && !self.bad.skip_proxy {
+            self.reverse_proxy(job)?;
+        }
+        self.start_restore(job, main, version)
+    }
+
+    fn le_bplist(&mut self, c: u16, d: Dictionary) -> Result<(), String> {
+        let mut buf = Vec::new();
+        plist::to_writer_binary(&mut buf, &Value::Dictionary(d)).unwrap();
+        let mut out = (buf.len() as u32).to_le_bytes().to_vec();
+        out.extend(buf);
+        self.write(c, &out)
+    }
+
+    fn read_le_bplist(&mut self, c: u16) -> Result<Dictionary, String> {
+        let len = self.read_exact(c, 4)?;
+        let body = self.read_exact(c, u32::from_le_bytes(len.try_into().unwrap()) as usize)?;
+        if !body.starts_with(b"bplist00") {
+            return Err("proxy plist not binary".into());
+        }
+        plist::from_bytes::<Value>(&body)
+            .map_err(|e| e.to_string())?
+            .into_dictionary()
+            .ok_or_else(|| "not a dict".into())
+    }
+
+    /// §7.10, host side, single-threaded: control handshake, then (ping) one connection.
+    fn reverse_proxy(&mut self, job: &Job) -> Result<(), String> {
+        let ctrl = self.connect(1082)?;
+        let conn_port = if self.bad.proxy_v1 {
+            self.write(ctrl, b"HelloCtrl\0")?;
+            let r = self.read_exact(ctrl, 11)?;
+            if &r[..9] != b"HelloCtrl" {
+                return Err(format!("bad HelloCtrl reply {r:02x?}"));
+            }
+            u16::from_le_bytes([r[9], r[10]])
+        } else {
             self.write(ctrl, b"BeginCtrl\0")?;
-            let mut buf = Vec::new();
-            plist::to_writer_binary(
-                &mut buf,
-                &Value::Dictionary(d(vec![
+            self.le_bplist(
+                ctrl,
+                d(vec![
                     ("Command", st("BeginCtrl")),
                     ("CtrlProtoVersion", Value::Integer(2.into())),
-                ])),
-            )
-            .unwrap();
-            let mut out = (buf.len() as u32).to_le_bytes().to_vec();
-            out.extend(buf);
-            self.write(ctrl, &out)?;
-            let len = self.read_exact(ctrl, 4)?;
-            let body =
-                self.read_exact(ctrl, u32::from_le_bytes(len.try_into().unwrap()) as usize)?;
-            let r: Value = plist::from_bytes(&body).map_err(|e| e.to_string())?;
-            self.log.push(format!("proxy ctrl: {r:?}"));
+                ]),
+            )?;
+            let r = self.read_le_bplist(ctrl)?;
+            r.get("ConnPort")
+                .and_then(Value::as_unsigned_integer)
+                .ok_or("no ConnPort")? as u16
+        };
+        if !job.proxy_ping {
+            return Ok(());
         }
+        let cmd = self.read_exact(ctrl, 4)?;
+        if cmd != 1u32.to_le_bytes() {
+            return Err(format!("proxy command {cmd:02x?}"));
+        }
+        let c = self.connect(conn_port)?;
+        self.write(c, b"HelloConn\0")?;
+        if self.bad.proxy_v1 {
+            self.read_exact(c, 10)?;
+        } else {
+            self.read_le_bplist(c)?;
+        }
+        let op = self.read_exact(c, 2)?;
+        if op != 0xBBAAu16.to_le_bytes() {
+            return Err(format!("proxy op {op:02x?}"));
+        }
+        let ping = self.read_le_bplist(c)?;
+        if ping.get("Command").and_then(Value::as_string) != Some("Ping") {
+            return Err(format!("expected Ping, got {ping:?}"));
+        }
+        self.le_bplist(c, d(vec![("Pong", Value::Boolean(true))]))
+    }
+
+    fn start_restore(&mut self, job: &Job, main: u16, version: Value) -> Result<(), String> {
         self.send_plist(
             main,
             d(vec![
