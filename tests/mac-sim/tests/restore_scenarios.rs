@@ -422,3 +422,27 @@ fn a_preflight_session_is_counted() {
     assert_eq!(r, Ok(()), "{:#?}", handle.report().log);
     assert_eq!(handle.report().main_sessions, 2);
 }
+
+/// A larger image through the whole stack; memory stays bounded because both sides generate
+/// and compare chunk by chunk. `MACSIM_IMAGE_MIB` raises the size (e.g. 4096 for a multi-GiB
+/// run in release mode).
+#[test]
+fn larger_generated_image_streams_through_asr() {
+    let mib: u64 = std::env::var("MACSIM_IMAGE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let mut s = scenario("mac-erase");
+    s.image.size = mib << 20;
+    s.steps
+        .retain(|st| !matches!(st, Step::DataRequestMsg(r) if r.data_type == "RecoveryOSASRImage"));
+    let t0 = std::time::Instant::now();
+    let (r, handle, _) = run(s, Bad::default());
+    assert_eq!(r, Ok(()), "{:#?}", handle.report().log);
+    assert_eq!(handle.report().asr.unwrap().bytes, mib << 20);
+    eprintln!(
+        "{mib} MiB through usbmux + ASR in {:?} ({:.1} MB/s)",
+        t0.elapsed(),
+        (mib << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6
+    );
+}

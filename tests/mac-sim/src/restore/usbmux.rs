@@ -526,12 +526,13 @@ impl DeviceMux {
                 None => false,
             };
             if !ok {
+                // Counted, not fatal: whether real Macs enforce rx_seq is unknown (§12 item 3),
+                // so a host that acknowledges differently is flagged without being broken.
                 let detail = format!(
                     "host rx_seq {rx} is not an echo of a delivered device packet (last {:?})",
                     self.delivered_rx_seq
                 );
                 self.violation(Violation::RxSeq, detail);
-                return false;
             }
         }
         true
@@ -760,9 +761,11 @@ impl DeviceMux {
         if n == 0 && c.state == State::Closed {
             return Err(MuxError::Closed(id));
         }
-        for (dst, src) in buf.iter_mut().zip(c.rx_buf.drain(..n)) {
-            *dst = src;
-        }
+        let (a, b) = c.rx_buf.as_slices();
+        let from_a = a.len().min(n);
+        buf[..from_a].copy_from_slice(&a[..from_a]);
+        buf[from_a..n].copy_from_slice(&b[..n - from_a]);
+        c.rx_buf.drain(..n);
         if n > 0 && c.ack_due_since.is_none() {
             c.ack_due_since = Some(now);
         }
@@ -1097,6 +1100,22 @@ mod tests {
         let h = TcpHeader::parse(&p[16..]).unwrap();
         assert_eq!(h.flags, TCP_RST);
         assert_eq!(&p[36..], b"sequence error\n");
+    }
+
+    #[test]
+    fn rx_seq_from_the_future_is_counted_but_not_fatal() {
+        let mut m = handshake(2);
+        let now = Instant::now();
+        m.on_bulk_out(&v2(
+            PROTO_TCP,
+            1,
+            0xFFFF,
+            &tcp(1, 62078, 0, 0, TCP_SYN, b""),
+        ));
+        m.poll_bulk_in(16384, now).unwrap(); // carries rx_seq 1
+        m.on_bulk_out(&v2(PROTO_TCP, 2, 9, &tcp(1, 62078, 1, 1, TCP_ACK, b"")));
+        assert_eq!(m.violations().count(Violation::RxSeq), 1);
+        assert!(matches!(m.poll_event(), Some(MuxEvent::Accepted { .. })));
     }
 
     #[test]
