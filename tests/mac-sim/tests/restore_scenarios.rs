@@ -446,3 +446,16 @@ fn larger_generated_image_streams_through_asr() {
         (mib << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6
     );
 }
+
+#[test]
+fn rst_on_the_main_connection_fails_with_a_named_error() {
+    let mut s = small("mac-revive");
+    s.faults.rst_main_after_step = Some(4);
+    let (r, handle, _) = run(s, Bad::default());
+    let err = r.unwrap_err();
+    assert!(
+        err.contains("restored: simulated connection reset"),
+        "{err}"
+    );
+    assert!(matches!(handle.outcome(), Outcome::Fault(ref w) if w.contains("after 4 steps")));
+}

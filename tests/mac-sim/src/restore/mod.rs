@@ -89,6 +89,14 @@ pub struct RestoreOs {
     handle: RestoreHandle,
 }
 
+impl Drop for RestoreOs {
+    /// The Mac left restore mode (reboot, unplug): the scenario thread must not linger
+    /// waiting for a host that can no longer reach it.
+    fn drop(&mut self) {
+        self.handle.link.set_gone();
+    }
+}
+
 impl RestoreOs {
     /// Boot the restore OS: the scenario player starts on its own thread and waits for the
     /// host's mux handshake.

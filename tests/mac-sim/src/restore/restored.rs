@@ -285,6 +285,12 @@ impl Player {
             }
         };
         for (i, step) in self.scenario.steps.iter().enumerate() {
+            if self.scenario.faults.rst_main_after_step == Some(i) {
+                main.reset("restored: simulated connection reset");
+                return Err(Stop::Fault(format!(
+                    "fault: device reset the restored connection after {i} steps"
+                )));
+            }
             let label = format!("step {} ({})", i + 1, step_name(step));
             match self.play(&main, step) {
                 Ok(()) => {}

@@ -118,11 +118,13 @@ pub struct ScenarioFaults {
     pub disconnect_after_asr_bytes: Option<u64>,
     /// RST the ASR connection after this many payload bytes (then fail the restore).
     pub rst_asr_after_bytes: Option<u64>,
+    /// RST the main restored connection (62078) after this many steps.
+    pub rst_main_after_step: Option<usize>,
 }
 
 /// One thing the device does.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "msg")]
+#[serde(tag = "msg", deny_unknown_fields)]
 pub enum Step {
     DataRequestMsg(DataRequest),
     AsyncDataRequestMsg(DataRequest),
@@ -156,6 +158,7 @@ pub enum Step {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DataRequest {
     pub data_type: String,
     /// `Arguments`; string values starting with `hex:` are sent as data.
@@ -310,6 +313,25 @@ mod tests {
             let s = Scenario::shipped(name).unwrap();
             assert!(!s.steps.is_empty(), "{name}");
         }
+    }
+
+    #[test]
+    fn misspelt_step_fields_are_rejected() {
+        let base = "name='x'\nbehavior='Erase'\n[image]\nsize=1\nseed=1\n[[step]]\n";
+        for step in [
+            "msg='DataRequestMsg'\ndata_type='X'\nexpect_host_abot=true\n",
+            "msg='ProgressMsg'\noperation=1\nprogres=2\n",
+            "msg='NoSuchMsg'\n",
+        ] {
+            let text = format!("{base}{step}");
+            assert!(
+                Scenario::parse(&text, Path::new("x.toml")).is_err(),
+                "accepted: {step}"
+            );
+        }
+        let ok = format!("{base}msg='DataRequestMsg'\ndata_type='X'\nexpect_host_abort=true\n");
+        let s = Scenario::parse(&ok, Path::new("x.toml")).unwrap();
+        assert!(matches!(&s.steps[0], Step::DataRequestMsg(r) if r.expect_host_abort));
     }
 
     #[test]
