@@ -98,6 +98,7 @@ fn erase_scenario_restores_end_to_end_over_mux_v1() {
     let mut s = scenario("mac-erase");
     s.mux_version = 1;
     s.asr.reinitiate = true;
+    s.asr.checksum_chunks = false;
     let (r, handle, _) = run(s, Bad::default());
     assert_eq!(r, Ok(()), "{:#?}", handle.report().log);
     assert_eq!(handle.outcome(), Outcome::Succeeded);
@@ -458,4 +459,26 @@ fn rst_on_the_main_connection_fails_with_a_named_error() {
         "{err}"
     );
     assert!(matches!(handle.outcome(), Outcome::Fault(ref w) if w.contains("after 4 steps")));
+}
+
+#[test]
+fn plist_replies_on_a_data_port_are_validated_there() {
+    let mut s = small("mac-revive");
+    for st in s.steps.iter_mut() {
+        if let Step::DataRequestMsg(r) | Step::AsyncDataRequestMsg(r) = st {
+            if matches!(
+                r.data_type.as_str(),
+                "ReceiptManifest" | "URLAsset" | "PersonalizedBootObjectV3"
+            ) {
+                r.data_port = Some(49300);
+            }
+        }
+    }
+    let (r, handle, _) = run(s, Bad::default());
+    assert_eq!(r, Ok(()), "{:#?}", handle.report().log);
+    assert!(handle
+        .report()
+        .log
+        .iter()
+        .any(|l| l.contains("ReceiptManifest (port Some(49300))")));
 }

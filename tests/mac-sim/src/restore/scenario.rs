@@ -308,6 +308,25 @@ mod tests {
     }
 
     #[test]
+    fn file_images_are_read_at_offsets_and_size_checked() {
+        let path = std::env::temp_dir().join(format!("mac-sim-image-{}", std::process::id()));
+        std::fs::write(&path, (0..=255u8).cycle().take(1000).collect::<Vec<_>>()).unwrap();
+        let spec = |size| ImageSpec {
+            size,
+            seed: None,
+            path: Some(path.clone()),
+            sha1: None,
+        };
+        let mut img = ImageSource::open(&spec(1000)).unwrap();
+        let mut b = [0u8; 3];
+        img.read_at(255, &mut b).unwrap();
+        assert_eq!(b, [255, 0, 1]);
+        let e = ImageSource::open(&spec(999)).unwrap_err();
+        assert!(e.to_string().contains("the scenario says 999"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn shipped_scenarios_parse() {
         for name in ["mac-revive", "mac-erase"] {
             let s = Scenario::shipped(name).unwrap();
