@@ -723,27 +723,18 @@ mod tests {
 
     #[test]
     fn restore_mode_forwards_the_mux_endpoints_to_the_restore_os() {
-        use crate::restore::restored::DeviceInfo;
         use crate::restore::scenario::Scenario;
         use crate::restore::{RestoreConfig, RestoreOs};
-        let mut m = mac(StartMode::Recovery, Faults::default()).with_restore(Box::new(
-            |board: &Board, id: &Identity| {
-                let info = DeviceInfo {
-                    board_config: board.board_config.clone(),
-                    cpid: board.cpid,
-                    bdid: board.bdid,
-                    ecid: id.ecid,
-                    serial_number: id.serial_number.clone(),
-                };
-                RestoreOs::start(
-                    Scenario::shipped("mac-revive").unwrap(),
-                    info,
-                    RestoreConfig {
-                        timeout: Duration::from_millis(200),
-                        ..RestoreConfig::default()
-                    },
-                )
-            },
+        let latest = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let cfg = RestoreConfig {
+            timeout: Duration::from_millis(200),
+            ..RestoreConfig::default()
+        };
+        let scenario = Scenario::shipped("mac-revive").unwrap();
+        let mut m = mac(StartMode::Recovery, Faults::default()).with_restore(RestoreOs::factory(
+            scenario,
+            cfg,
+            latest.clone(),
         ));
         m.pending = Some(Next::Mode(UsbMode::Restore));
         let t0 = Instant::now();
@@ -768,6 +759,17 @@ mod tests {
         assert_eq!(m.bulk_out(ep_out, &version), Reply::Ack(vec![]));
         assert_eq!(m.bulk_in(ep_in, 16384), Reply::Ack(version.to_vec()));
         assert!(m.restore_os().is_some());
+        let handle = latest.lock().unwrap().clone().unwrap();
+        assert_eq!(handle.stats().packets_in, 1);
+        // Leaving restore mode ends the scenario thread instead of leaving it waiting.
+        m.pending = Some(Next::Mode(UsbMode::Recovery(1)));
+        let t1 = Instant::now();
+        m.poll_link(t1);
+        m.poll_link(t1 + Duration::from_millis(100));
+        assert!(matches!(
+            handle.wait(Duration::from_secs(2)),
+            crate::restore::restored::Outcome::Broken(_)
+        ));
     }
 
     #[test]

@@ -123,6 +123,20 @@ impl RestoreOs {
         }
     }
 
+    /// A factory for [`crate::device::SimMac::with_restore`]: every boot into restore mode
+    /// plays `scenario`; the handle of the latest boot is stored in `latest`.
+    pub fn factory(
+        scenario: Scenario,
+        cfg: RestoreConfig,
+        latest: Arc<Mutex<Option<RestoreHandle>>>,
+    ) -> crate::device::RestoreFactory {
+        Box::new(move |board, id| {
+            let os = RestoreOs::start(scenario.clone(), DeviceInfo::of(board, id), cfg.clone());
+            *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(os.handle());
+            os
+        })
+    }
+
     pub fn handle(&self) -> RestoreHandle {
         self.handle.clone()
     }

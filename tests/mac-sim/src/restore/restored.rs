@@ -28,6 +28,19 @@ pub struct DeviceInfo {
     pub serial_number: String,
 }
 
+impl DeviceInfo {
+    /// The identity a `SimMac` shows.
+    pub fn of(board: &crate::board::Board, id: &crate::descriptors::Identity) -> DeviceInfo {
+        DeviceInfo {
+            board_config: board.board_config.clone(),
+            cpid: board.cpid,
+            bdid: board.bdid,
+            ecid: id.ecid,
+            serial_number: id.serial_number.clone(),
+        }
+    }
+}
+
 /// How a scenario ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
