@@ -482,3 +482,56 @@ fn plist_replies_on_a_data_port_are_validated_there() {
         .iter()
         .any(|l| l.contains("ReceiptManifest (port Some(49300))")));
 }
+
+#[test]
+fn cpio_without_trailer_is_rejected() {
+    expect_rejected(
+        Bad {
+            cpio_no_trailer: true,
+            ..Bad::default()
+        },
+        "BootabilityBundle",
+        "without TRAILER!!!",
+    );
+}
+
+#[test]
+fn every_other_message_type_and_optional_data_types_play_through() {
+    let mut s = small("mac-revive");
+    let req = |dt: &str| {
+        Step::DataRequestMsg(DataRequest {
+            data_type: dt.into(),
+            arguments: Default::default(),
+            data_port: None,
+            expect_variant: None,
+            expect_host_abort: false,
+        })
+    };
+    let extra = vec![
+        Step::RestoreAttestation,
+        Step::RestoredCrash {
+            backtrace: vec!["0 restored".into(), "1 libsystem".into()],
+        },
+        Step::AsyncWait,
+        Step::CheckpointMsg {
+            id: 0x60E,
+            name: "update_NAND_firmware".into(),
+            result: 0,
+            complete: true,
+            error: None,
+            warning: Some("simulated warning".into()),
+        },
+        req("RootTicket"),
+        req("HostSystemTime"),
+    ];
+    for (i, st) in extra.into_iter().enumerate() {
+        s.steps.insert(1 + i, st);
+    }
+    let (r, handle, host) = run(s, Bad::default());
+    assert_eq!(r, Ok(()), "{:#?}", handle.report().log);
+    let served = handle.report().served;
+    for dt in ["RestoreAttestation", "RootTicket", "HostSystemTime"] {
+        assert!(served.iter().any(|s| s == dt), "{dt}: {served:?}");
+    }
+    assert!(host.log.iter().any(|l| l.starts_with("RestoredCrash")));
+}

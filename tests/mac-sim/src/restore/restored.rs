@@ -974,8 +974,14 @@ fn read_cpio(conn: &Stream, timeout: Duration) -> Result<usize, Stop> {
     let mut entries = 0;
     loop {
         let mut h = [0u8; 76];
-        conn.read_exact_timeout(&mut h, timeout)
-            .map_err(io_broken)?;
+        if let Err(e) = conn.read_exact_timeout(&mut h, timeout) {
+            if conn.closed_by_host() {
+                return Err(bad(format!(
+                    "the host closed the stream after {entries} entries without TRAILER!!!"
+                )));
+            }
+            return Err(io_broken(e));
+        }
         if &h[..6] != b"070707" {
             return Err(bad(format!(
                 "entry {entries} has magic {:?}, expected 070707",
