@@ -5,6 +5,7 @@
 //! they never touch USB themselves. Only `usb::rusb_edge` talks to libusb, and only
 //! `bootchain::driver` executes plans against a [`usb::UsbTransport`].
 
+pub mod asr;
 pub mod bootchain;
 pub mod dfu;
 pub mod http;
@@ -12,6 +13,8 @@ pub mod identity;
 pub mod img4;
 pub mod manifest;
 pub mod recovery;
+pub mod restored;
+pub mod reverse_proxy;
 pub mod tss;
 pub mod usb;
 pub mod usbmux;
