@@ -15,6 +15,8 @@ use restore_agent::usbmux::edge::{find_interface, EdgeConfig, MuxHandle, MuxInte
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ECHO_PORT: u16 = 7777;
+const ASR_PORT: u16 = 12345;
+const IMAGE_LEN: u64 = 4 * 1024 * 1024 + 4321;
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
@@ -127,6 +129,90 @@ struct Dev {
     vendor_requests: Vec<ControlSetup>,
     gone: bool,
     my_tx: u16,
+    asr: Option<AsrSink>,
+}
+
+/// The device half of an ASR session, verifying every byte it receives.
+#[derive(Default)]
+struct AsrSink {
+    host_port: u16,
+    buf: Vec<u8>,
+    phase: u8,
+    verified: u64,
+    done: bool,
+}
+
+fn gen_byte(offset: u64) -> u8 {
+    let x = offset.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 29) as u8 ^ (offset >> 17) as u8
+}
+
+struct Gen;
+
+impl restore_agent::asr::ImageSource for Gen {
+    fn len(&self) -> u64 {
+        IMAGE_LEN
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = gen_byte(offset + i as u64);
+        }
+        Ok(())
+    }
+}
+
+fn asr_cmd(body: &str) -> Vec<u8> {
+    format!("<?xml version=\"1.0\"?>\n<plist version=\"1.0\"><dict>{body}</dict></plist>\n")
+        .into_bytes()
+}
+
+impl AsrSink {
+    /// Consumes host bytes; returns a command to send, if any.
+    fn feed(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        use sha1::{Digest, Sha1};
+        self.buf.extend_from_slice(data);
+        match self.phase {
+            0 => {
+                let end = self.buf.windows(9).position(|w| w == b"</plist>\n")? + 9;
+                let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                assert!(
+                    text.contains(&format!("<integer>{IMAGE_LEN}</integer>")),
+                    "{text}"
+                );
+                self.buf.drain(..end);
+                self.phase = 1;
+                Some(asr_cmd("<key>Command</key><string>OOBData</string><key>OOB Offset</key><integer>10</integer><key>OOB Length</key><integer>100</integer>"))
+            }
+            1 if self.buf.len() >= 100 => {
+                assert!(self.buf[..100]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| *b == gen_byte(10 + i as u64)));
+                self.buf.drain(..100);
+                self.phase = 2;
+                Some(asr_cmd("<key>Command</key><string>Payload</string>"))
+            }
+            2 => {
+                loop {
+                    let n = (IMAGE_LEN - self.verified).min(131_072) as usize;
+                    if n == 0 || self.buf.len() < n + 20 {
+                        break;
+                    }
+                    let chunk = &self.buf[..n];
+                    assert_eq!(&self.buf[n..n + 20], Sha1::digest(chunk).as_slice());
+                    assert!(chunk
+                        .iter()
+                        .enumerate()
+                        .all(|(i, b)| *b == gen_byte(self.verified + i as u64)));
+                    self.verified += n as u64;
+                    self.buf.drain(..n + 20);
+                }
+                self.done = self.verified == IMAGE_LEN;
+                None
+            }
+            _ => None,
+        }
+    }
 }
 
 impl Dev {
@@ -213,6 +299,20 @@ impl Dev {
         let flags = b[13];
         let payload = b[20..].to_vec();
         if flags == SYN {
+            if dport == ASR_PORT {
+                self.conns.push((sport, 1, 1));
+                self.tcp(sport, dport, 0, 1, SYN | ACK, &[]);
+                let initiate = asr_cmd(
+                    "<key>Command</key><string>Initiate</string><key>Checksum Chunks</key><true/>",
+                );
+                self.conns.last_mut().unwrap().1 += initiate.len() as u32;
+                self.tcp(sport, dport, 1, 1, ACK, &initiate);
+                self.asr = Some(AsrSink {
+                    host_port: sport,
+                    ..AsrSink::default()
+                });
+                return;
+            }
             if dport == ECHO_PORT {
                 self.conns.push((sport, 1, 1));
                 self.tcp(sport, dport, 0, 1, SYN | ACK, &[]);
@@ -231,6 +331,21 @@ impl Dev {
         if seq != self.conns[i].2 {
             self.violations.push("host seq".into());
         }
+        if dport == ASR_PORT && !payload.is_empty() {
+            self.conns[i].2 = self.conns[i].2.wrapping_add(payload.len() as u32);
+            let (dseq, hseq) = (self.conns[i].1, self.conns[i].2);
+            let sink = self.asr.as_mut().expect("ASR session");
+            assert_eq!(sink.host_port, sport);
+            match sink.feed(&payload) {
+                Some(cmd) => {
+                    self.conns[i].1 = dseq.wrapping_add(cmd.len() as u32);
+                    self.tcp(sport, dport, dseq, hseq, ACK, &cmd);
+                }
+                // A prompt pure ACK opens the window again.
+                None => self.tcp(sport, dport, dseq, hseq, ACK, &[]),
+            }
+            return;
+        }
         if !payload.is_empty() {
             self.conns[i].2 = self.conns[i].2.wrapping_add(payload.len() as u32);
             let (dseq, hseq) = (self.conns[i].1, self.conns[i].2);
@@ -246,6 +361,8 @@ impl Dev {
 struct Fake {
     info: DeviceInfo,
     dev: Arc<(Mutex<Dev>, Condvar)>,
+    /// Offer a second handle (reads and writes overlap), like libusb can.
+    second_handle: bool,
 }
 
 impl Fake {
@@ -261,6 +378,7 @@ impl Fake {
                 product_id: 0x1901,
             },
             dev: Arc::new((Mutex::new(Dev::default()), Condvar::new())),
+            second_handle: false,
         }
     }
 }
@@ -368,11 +486,25 @@ impl UsbTransport for Fake {
     fn reset(&mut self) -> Result<(), TransportError> {
         Ok(())
     }
+    fn bulk_handle(&self) -> Option<Box<dyn UsbTransport>> {
+        self.second_handle
+            .then(|| Box::new(self.clone()) as Box<dyn UsbTransport>)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_connection_over_the_edge() {
-    let fake = Fake::new();
+    echo_connection(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_connection_with_a_second_handle() {
+    echo_connection(true).await;
+}
+
+async fn echo_connection(second_handle: bool) {
+    let mut fake = Fake::new();
+    fake.second_handle = second_handle;
     let dev = fake.dev.clone();
     let mux = MuxHandle::open(Box::new(fake), EdgeConfig::default())
         .await
@@ -503,4 +635,49 @@ async fn no_usbmux_interface_is_a_named_error() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("no usbmux interface"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asr_streams_through_the_edge_sharing_one_handle() {
+    asr_through_the_edge(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asr_streams_through_the_edge_with_a_second_handle() {
+    asr_through_the_edge(true).await;
+}
+
+async fn asr_through_the_edge(second_handle: bool) {
+    let mut fake = Fake::new();
+    fake.second_handle = second_handle;
+    let dev = fake.dev.clone();
+    let mux = MuxHandle::open(Box::new(fake), EdgeConfig::default())
+        .await
+        .unwrap();
+    let mut s = mux.connect(ASR_PORT).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut progress = |_: u64, _: u64| {};
+    let stats = restore_agent::asr::stream_image(
+        &mut s,
+        Arc::new(Gen),
+        &restore_agent::asr::AsrConfig::default(),
+        &mut progress,
+    )
+    .await
+    .expect("ASR over usbmux");
+    assert_eq!(stats.payload_bytes, IMAGE_LEN);
+    // The mux delivers what it accepted; wait until the device has verified everything.
+    for _ in 0..500 {
+        if dev.0.lock().unwrap().asr.as_ref().is_some_and(|a| a.done) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let d = dev.0.lock().unwrap();
+    assert_eq!(d.violations, Vec::<String>::new());
+    assert_eq!(d.asr.as_ref().unwrap().verified, IMAGE_LEN);
+    eprintln!(
+        "ASR through the edge (second handle: {second_handle}; debug build, byte-checking fake device): {:.1} MB/s",
+        IMAGE_LEN as f64 / started.elapsed().as_secs_f64() / 1e6
+    );
 }

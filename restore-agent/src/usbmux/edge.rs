@@ -6,10 +6,10 @@
 //! under a short lock; backpressure is the mux's own (its `send`/`recv` return 0 and the
 //! `Readable`/`Writable` events wake the stream).
 //!
-//! The [`UsbTransport`] seam takes `&mut self`, so the two threads share it behind a mutex: the
-//! reader polls with a short timeout and steps aside whenever the writer is waiting, which
-//! bounds a write's wait to one read timeout. (A transport that could hand out independent
-//! IN/OUT handles would remove that wait; see the report of issue #4.)
+//! When the transport offers a second handle ([`UsbTransport::bulk_handle`]) the reader owns it
+//! and reads and writes overlap freely. Otherwise the two threads take turns on the one handle
+//! behind a mutex: the reader polls with a short timeout and steps aside whenever the writer
+//! is waiting, which bounds a write's wait to one poll — correct, but slower.
 //!
 //! Only what the restore asks for is opened: no preflight connection, and never Apple's
 //! GET_MODE/SET_MODE vendor requests (§6.1, §6.8).
@@ -104,8 +104,12 @@ pub enum EdgeError {
 pub struct EdgeConfig {
     /// Mux settings; `out_max_packet_size` is replaced by the endpoint's value.
     pub mux: MuxConfig,
-    /// Bulk IN poll timeout; also the longest a write waits for the reader to step aside.
+    /// Bulk IN poll timeout with a handle of its own (bounds only how fast the reader notices
+    /// a shutdown; long, because a timed-out transfer may lose a partial packet).
     pub read_poll: Duration,
+    /// Bulk IN poll timeout when reader and writer share one handle: the longest a write waits
+    /// for the reader to step aside.
+    pub shared_read_poll: Duration,
     /// Bulk OUT timeout: a device that takes longer to accept 48 KiB is stuck.
     pub write_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -117,7 +121,8 @@ impl Default for EdgeConfig {
     fn default() -> Self {
         Self {
             mux: MuxConfig::default(),
-            read_poll: Duration::from_millis(5),
+            read_poll: Duration::from_millis(200),
+            shared_read_poll: Duration::from_millis(5),
             write_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             write_queue: 8,
@@ -266,10 +271,23 @@ impl Shared {
     }
 }
 
-/// A running usbmux link. Cheap to clone; [`MuxHandle::shutdown`] stops it.
+/// Stops the link when the last handle and stream are gone, so the threads never outlive it.
+struct Guard(Arc<Shared>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::SeqCst);
+        self.0.lock().fail("the host closed the usbmux link".into());
+        self.0.notify.notify_one();
+    }
+}
+
+/// A running usbmux link. Cheap to clone; [`MuxHandle::shutdown`] stops it, and so does
+/// dropping the last handle and stream.
 #[derive(Clone)]
 pub struct MuxHandle {
     shared: Arc<Shared>,
+    guard: Arc<Guard>,
     version: u32,
 }
 
@@ -308,27 +326,24 @@ impl MuxHandle {
             ready: ready_tx,
             stop: AtomicBool::new(false),
         });
-        let transport = Arc::new(Mutex::new(transport));
-        let writer_waiting = Arc::new(AtomicUsize::new(0));
+        let (reader, writer, poll) = match transport.bulk_handle() {
+            Some(second) => (Bulk::Own(second), Bulk::Own(transport), config.read_poll),
+            None => {
+                debug!("transport offers no second handle; reads and writes take turns");
+                let t = Arc::new(Mutex::new(transport));
+                let waiting = Arc::new(AtomicUsize::new(0));
+                (
+                    Bulk::Shared(t.clone(), waiting.clone()),
+                    Bulk::Shared(t, waiting),
+                    config.shared_read_poll,
+                )
+            }
+        };
         let (usb_tx, usb_rx) = mpsc::unbounded_channel();
         let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
 
-        spawn_reader(
-            &transport,
-            &writer_waiting,
-            &shared,
-            iface.ep_in,
-            config.read_poll,
-            usb_tx.clone(),
-        );
-        spawn_writer(
-            &transport,
-            &writer_waiting,
-            iface.ep_out,
-            config.write_timeout,
-            out_rx,
-            usb_tx,
-        );
+        spawn_reader(reader, &shared, iface.ep_in, poll, usb_tx.clone());
+        spawn_writer(writer, iface.ep_out, config.write_timeout, out_rx, usb_tx);
         tokio::spawn(drive(
             shared.clone(),
             usb_rx,
@@ -361,7 +376,12 @@ impl MuxHandle {
                 return Err(EdgeError::HandshakeTimeout(config.handshake_timeout));
             }
         };
-        Ok(MuxHandle { shared, version })
+        let guard = Arc::new(Guard(shared.clone()));
+        Ok(MuxHandle {
+            shared,
+            guard,
+            version,
+        })
     }
 
     /// The device's usbmux major version (1 or 2).
@@ -393,6 +413,7 @@ impl MuxHandle {
         self.shared.notify.notify_one();
         let stream = MuxStream {
             shared: self.shared.clone(),
+            _guard: self.guard.clone(),
             id,
             port,
             closed: false,
@@ -431,30 +452,60 @@ impl crate::restored::Connector for MuxHandle {
     }
 }
 
+/// The reader's or the writer's way to the device.
+enum Bulk {
+    /// A handle of its own.
+    Own(Box<dyn UsbTransport>),
+    /// One handle shared by both threads; the counter says a writer is waiting for it.
+    Shared(Arc<Mutex<Box<dyn UsbTransport>>>, Arc<AtomicUsize>),
+}
+
+impl Bulk {
+    fn bulk_in(&mut self, ep: u8, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        match self {
+            Bulk::Own(t) => t.bulk_in(ep, RX_TRANSFER_SIZE, timeout),
+            Bulk::Shared(t, writer_waiting) => {
+                // Let a waiting writer in first: reads poll, writes carry the image.
+                while writer_waiting.load(Ordering::SeqCst) > 0 {
+                    thread::yield_now();
+                }
+                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                t.bulk_in(ep, RX_TRANSFER_SIZE, timeout)
+            }
+        }
+    }
+
+    fn bulk_out(
+        &mut self,
+        ep: u8,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<usize, TransportError> {
+        match self {
+            Bulk::Own(t) => t.bulk_out(ep, data, timeout),
+            Bulk::Shared(t, writer_waiting) => {
+                writer_waiting.fetch_add(1, Ordering::SeqCst);
+                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                writer_waiting.fetch_sub(1, Ordering::SeqCst);
+                t.bulk_out(ep, data, timeout)
+            }
+        }
+    }
+}
+
 fn spawn_reader(
-    transport: &Arc<Mutex<Box<dyn UsbTransport>>>,
-    writer_waiting: &Arc<AtomicUsize>,
+    mut bulk: Bulk,
     shared: &Arc<Shared>,
     ep_in: u8,
     poll: Duration,
     tx: mpsc::UnboundedSender<FromUsb>,
 ) {
-    let transport = transport.clone();
-    let writer_waiting = writer_waiting.clone();
     let shared = shared.clone();
     thread::Builder::new()
         .name("usbmux-rx".into())
         .spawn(move || {
             while !shared.stop.load(Ordering::SeqCst) {
-                // Let a waiting writer in first: reads poll, writes carry the image.
-                while writer_waiting.load(Ordering::SeqCst) > 0 {
-                    thread::yield_now();
-                }
-                let r = {
-                    let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
-                    t.bulk_in(ep_in, RX_TRANSFER_SIZE, poll)
-                };
-                match r {
+                match bulk.bulk_in(ep_in, poll) {
                     Ok(data) => {
                         if tx.send(FromUsb::In(data)).is_err() {
                             return;
@@ -473,26 +524,17 @@ fn spawn_reader(
 }
 
 fn spawn_writer(
-    transport: &Arc<Mutex<Box<dyn UsbTransport>>>,
-    writer_waiting: &Arc<AtomicUsize>,
+    mut bulk: Bulk,
     ep_out: u8,
     timeout: Duration,
     rx: std::sync::mpsc::Receiver<Vec<u8>>,
     tx: mpsc::UnboundedSender<FromUsb>,
 ) {
-    let transport = transport.clone();
-    let writer_waiting = writer_waiting.clone();
     thread::Builder::new()
         .name("usbmux-tx".into())
         .spawn(move || {
             while let Ok(data) = rx.recv() {
-                writer_waiting.fetch_add(1, Ordering::SeqCst);
-                let r = {
-                    let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
-                    writer_waiting.fetch_sub(1, Ordering::SeqCst);
-                    t.bulk_out(ep_out, &data, timeout)
-                };
-                let msg = match r {
+                let msg = match bulk.bulk_out(ep_out, &data, timeout) {
                     Ok(n) if n == data.len() => FromUsb::Written,
                     Ok(n) => FromUsb::Gone(format!(
                         "the Mac accepted only {n} of {} bytes of a USB transfer",
@@ -580,6 +622,7 @@ async fn drive(
 /// One connection to a port on the Mac.
 pub struct MuxStream {
     shared: Arc<Shared>,
+    _guard: Arc<Guard>,
     id: ConnId,
     port: u16,
     closed: bool,
