@@ -769,6 +769,23 @@ async fn connection_lost_and_context_failure() {
 }
 
 #[tokio::test]
+async fn silent_restored_times_out() {
+    let (conn, mut dev) = pair();
+    let mut c = config();
+    c.query_timeout = Duration::from_millis(30);
+    let host = tokio::spawn(async move {
+        RestoredClient::connect(Arc::new(MemContext::new()), conn, c)
+            .await?
+            .restore(params())
+            .await
+    });
+    dev.accept_main().await;
+    let err = host.await.unwrap().unwrap_err();
+    assert!(matches!(err, RestoredError::NoAnswer(_)), "{err:?}");
+    drop(dev);
+}
+
+#[tokio::test]
 async fn refused_data_port_is_a_named_error() {
     let ctx = Arc::new(MemContext::new());
     let (conn, mut dev) = pair();

@@ -34,6 +34,9 @@ pub struct RestoreConfig {
     /// Attempts to connect to a device port (restored, DataPorts, ASR) before giving up.
     pub connect_attempts: u32,
     pub connect_retry_delay: Duration,
+    /// How long restored may take to answer QueryType/QueryValue (the message loop itself has
+    /// no timeout: restored can be silent for minutes while it works).
+    pub query_timeout: Duration,
     /// Run the reverse proxy on device port 1082 (§7.10).
     pub reverse_proxy: bool,
     pub proxy: ProxyConfig,
@@ -47,6 +50,7 @@ impl Default for RestoreConfig {
             // idevicerestore: ASR 30 × 2 s; the others fewer. One generous setting for all.
             connect_attempts: 30,
             connect_retry_delay: Duration::from_secs(2),
+            query_timeout: Duration::from_secs(30),
             reverse_proxy: true,
             proxy: ProxyConfig::default(),
         }
@@ -142,10 +146,12 @@ impl<C: RestoreContext, K: Connector> RestoredClient<C, K> {
         Ok(())
     }
 
+    /// The answer to a query, within the query timeout.
     async fn receive(&mut self) -> Result<Dictionary, RestoredError> {
-        self.reader
-            .read_message()
-            .await?
+        let timeout = self.shared.config.query_timeout;
+        tokio::time::timeout(timeout, self.reader.read_message())
+            .await
+            .map_err(|_| RestoredError::NoAnswer(timeout))??
             .ok_or(RestoredError::ConnectionLost)
     }
 

@@ -92,6 +92,11 @@ pub enum RestoredError {
          rebooted or the cable was pulled; check the Mac's screen, then restart from DFU"
     )]
     ConnectionLost,
+    #[error(
+        "restored did not answer within {0:?}: the restore ramdisk may have hung; check the \
+         Mac's screen, then restart from DFU"
+    )]
+    NoAnswer(std::time::Duration),
     #[error("I/O error talking to restored: {0}")]
     Io(#[from] std::io::Error),
     #[error("a background request failed unexpectedly: {0}")]
