@@ -691,6 +691,54 @@ async fn device_error_status_is_explained() {
 }
 
 #[tokio::test]
+async fn host_incompatibility_names_the_missing_types() {
+    let ctx = Arc::new(MemContext::new());
+    let (conn, mut dev) = pair();
+    let host = tokio::spawn(run_host(ctx, conn));
+    dev.handshake(ECID).await;
+    // Shaped after issue #786 (macOS 27 beta against a host without BootabilityBundleV2).
+    dev.send(dict(vec![
+        ("MsgType", "CheckpointMsg".into()),
+        ("CHECKPOINT_ID", Value::Integer(0x655.into())),
+        ("CHECKPOINT_NAME", "is_host_compatible".into()),
+        ("CHECKPOINT_RESULT", Value::Integer(10.into())),
+        ("CHECKPOINT_COMPLETE", true.into()),
+        (
+            "CHECKPOINT_ERROR",
+            "[0]D(This host version is unsupported. You may need to update your host tools.)"
+                .into(),
+        ),
+    ]))
+    .await;
+    dev.send(dict(vec![
+        ("MsgType", "StatusMsg".into()),
+        ("Status", Value::Integer(10.into())),
+        (
+            "Log",
+            "host/device compatibility check found that a message is missing or is not supported (optional): SourceBootObjectV5\nhost/device compatibility check found that a message is missing or is not supported (required): BootabilityBundleV2\n".into(),
+        ),
+    ]))
+    .await;
+    let err = host.await.unwrap().unwrap_err();
+    match &err {
+        RestoredError::DeviceFailed {
+            status: 10,
+            missing_required,
+            ..
+        } => {
+            assert_eq!(missing_required, &["BootabilityBundleV2"])
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("restored requires: BootabilityBundleV2")
+            && text.contains("is_host_compatible"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn verification_error_status() {
     let ctx = Arc::new(MemContext::new());
     let (conn, mut dev) = pair();

@@ -363,6 +363,10 @@ impl<C: RestoreContext, K: Connector> RestoredClient<C, K> {
                         status,
                         amr_error,
                         cause,
+                        missing_required: log
+                            .as_deref()
+                            .map(messages::missing_required_types)
+                            .unwrap_or_default(),
                         log,
                     }),
                 };

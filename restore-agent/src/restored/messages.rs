@@ -206,6 +206,11 @@ pub fn status_cause(status: u64) -> Option<&'static str> {
             "the Mac could not verify the restored system (verification error): the image may be \
              corrupt — check the IPSW's SHA-1 and restore again"
         }
+        10 => {
+            "restored rejected this host (is_host_compatible, \"This host version is unsupported\"): \
+             the Mac's restore image needs message types this agent does not offer yet — update \
+             macrescue, or restore an older macOS"
+        }
         6 => "the Mac's internal disk failed during the restore (disk failure): try an Erase restore; if it repeats, the SSD needs service",
         14 => "restored reported a general failure: read the device log below for the step that failed",
         27 => "the Mac failed to mount its file systems: try an Erase restore",
@@ -216,10 +221,28 @@ pub fn status_cause(status: u64) -> Option<&'static str> {
     })
 }
 
+/// Message types restored reports as missing and *required* in its compatibility check (the
+/// device log says "…is not supported (required): BootabilityBundleV2").
+pub fn missing_required_types(log: &str) -> Vec<String> {
+    const MARK: &str = "is not supported (required):";
+    let mut out: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if let Some(i) = line.find(MARK) {
+            let name = line[i + MARK.len()..].trim();
+            if !name.is_empty() && !out.iter().any(|n| n == name) {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    out
+}
+
 /// Plain-language hint for a checkpoint error text (§11), if a known one.
 pub fn checkpoint_hint(error: &str) -> Option<&'static str> {
     let e = error.to_ascii_lowercase();
-    if e.contains("firmware update failed") || e.contains("update_aht") {
+    if e.contains("host version is unsupported") {
+        Some("restored rejected this host's capabilities: the macOS being restored is newer than this agent supports; update macrescue")
+    } else if e.contains("firmware update failed") || e.contains("update_aht") {
         Some("a device-side firmware updater failed; retry the restore, and if it repeats the named component needs service")
     } else if e.contains("personaliz") || e.contains("img4") || e.contains("ticket") {
         Some("image personalization failed: the tickets may be stale; fetch fresh tickets (network/TSS) and retry")
@@ -396,5 +419,14 @@ mod tests {
         );
         assert!(checkpoint_hint("ramrod firmware update failed ... update_aht").is_some());
         assert!(checkpoint_hint("fine").is_none());
+        assert!(status_cause(10).unwrap().contains("is_host_compatible"));
+        // From issue #786's device log (macOS 27 beta).
+        let log = "host/device compatibility check found that a message is missing or is not supported (optional): RestoreProtocol\n\
+                   host/device compatibility check found that a message is missing or is not supported (required): BootabilityBundleV2\n";
+        assert_eq!(missing_required_types(log), ["BootabilityBundleV2"]);
+        assert!(checkpoint_hint(
+            "[0]D(This host version is unsupported. You may need to update your host tools.)"
+        )
+        .is_some());
     }
 }

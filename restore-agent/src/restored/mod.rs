@@ -77,14 +77,21 @@ pub enum RestoredError {
         source: crate::asr::AsrError,
     },
     #[error(
-        "the Mac reported restore failure {status}{}: {cause}{}",
+        "the Mac reported restore failure {status}{}: {cause}{}{}",
         amr_error.map(|a| format!(" (AMRError {a})")).unwrap_or_default(),
+        if missing_required.is_empty() {
+            String::new()
+        } else {
+            format!(" (restored requires: {})", missing_required.join(", "))
+        },
         log.as_deref().map(|l| format!("\ndevice log:\n{l}")).unwrap_or_default()
     )]
     DeviceFailed {
         status: u64,
         amr_error: Option<i64>,
         cause: &'static str,
+        /// Message types the device log names as missing and required.
+        missing_required: Vec<String>,
         log: Option<String>,
     },
     #[error(
