@@ -61,12 +61,27 @@ impl ImageSource for Vec<u8> {
     }
 }
 
-impl ImageSource for std::fs::File {
+/// A local image file (an extracted or stored IPSW entry); its length is fixed when opened.
+#[derive(Debug)]
+pub struct FileImage {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl FileImage {
+    pub fn open(path: &std::path::Path) -> io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Self { file, len })
+    }
+}
+
+impl ImageSource for FileImage {
     fn len(&self) -> u64 {
-        self.metadata().map(|m| m.len()).unwrap_or(0)
+        self.len
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
 }
 
@@ -544,6 +559,19 @@ mod tests {
         let mut p = CommandParser::new();
         p.push(&vec![b'a'; MAX_COMMAND_LEN + 1]);
         assert!(matches!(p.next_command(), Err(AsrError::CommandTooLarge)));
+    }
+
+    #[test]
+    fn file_image_reads_at_offsets() {
+        let path = std::env::temp_dir().join(format!("asr-file-image-{}", std::process::id()));
+        std::fs::write(&path, b"0123456789").unwrap();
+        let img = FileImage::open(&path).unwrap();
+        assert_eq!(img.len(), 10);
+        let mut buf = [0u8; 3];
+        img.read_at(4, &mut buf).unwrap();
+        assert_eq!(&buf, b"456");
+        assert!(img.read_at(8, &mut buf).is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
