@@ -205,15 +205,15 @@ async fn read_ahead_is_bounded() {
     // Read one chunk and stall: the reader thread must stop after the read-ahead.
     let mut first = vec![0u8; CHUNK_SIZE];
     d.read_exact(&mut first).await.unwrap();
-    let mut last = 0;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let now = src.max_end.load(Ordering::SeqCst);
-        if now == last && now > 0 {
+    // Wait until the reader has filled its read-ahead, then give it time to overrun (it must
+    // not: the bound below is a hard invariant, so waiting longer can only expose a bug).
+    for _ in 0..500 {
+        if src.max_end.load(Ordering::SeqCst) >= ahead * CHUNK_SIZE as u64 {
             break;
         }
-        last = now;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let max = src.max_end.load(Ordering::SeqCst);
     // One chunk delivered, one being written, one held by the blocked reader thread.
     assert!(
