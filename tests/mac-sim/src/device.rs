@@ -133,7 +133,8 @@ pub struct SimMac {
     stage_touched: bool,
     boots: u64,
     port_nonce: [u8; 32],
-    ibss_check: ImageCheck,
+    /// None: the ROM's own check, bound to this unit's ECID and current ApNonce.
+    ibss_check: Option<ImageCheck>,
     stage_factory: StageFactory,
 }
 
@@ -205,7 +206,7 @@ impl SimMac {
             stage_touched: false,
             boots: 0,
             port_nonce,
-            ibss_check: Box::new(crate::images::validate_ibss),
+            ibss_check: None,
             stage_factory: iboot_factory(),
         };
         mac.enter(mode);
@@ -214,7 +215,7 @@ impl SimMac {
 
     /// Replace the iBSS check (tests that do not build real IMG4 files).
     pub fn with_ibss_check(mut self, check: ImageCheck) -> Self {
-        self.ibss_check = check;
+        self.ibss_check = Some(check);
         self
     }
 
@@ -478,12 +479,15 @@ impl SimDevice for SimMac {
         let board = &self.board;
         let refuse = self.faults.refuse_ibss;
         let check = &self.ibss_check;
+        let (ecid, nonce) = (self.identity.ecid, self.identity.ap_nonce);
         match &mut self.firmware {
             Firmware::Dfu(m) => m.control(setup, data_out, |image| {
                 if refuse {
                     Err("fault: the ROM refuses every iBSS".into())
-                } else {
+                } else if let Some(check) = check {
                     check(image, board)
+                } else {
+                    crate::images::validate_ibss_for(image, board, Some(ecid), Some(&nonce))
                 }
             }),
             // The port controller takes any non-empty firmware (its format is not simulated).

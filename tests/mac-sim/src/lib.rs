@@ -14,5 +14,6 @@ pub mod images;
 pub mod img4;
 pub mod inproc;
 pub mod services;
+pub mod ticket;
 pub mod usbip;
 pub mod wire;
