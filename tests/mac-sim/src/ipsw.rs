@@ -96,9 +96,10 @@ pub struct IpswSummary {
     pub entries: BTreeMap<String, u64>,
 }
 
-/// Size of one generator block of the OS image.
-pub const OS_BLOCK: u64 = 1 << 20;
-/// Bytes at the start of each block that carry data in the sparse layout.
+/// The dense generator restarts every `OS_BLOCK` bytes, so any range is cheap to regenerate.
+pub const OS_BLOCK: u64 = 64 << 10;
+/// Sparse layout: of every `SPARSE_PERIOD` bytes only the first [`SPARSE_HEAD`] carry data.
+pub const SPARSE_PERIOD: u64 = 16 << 20;
 pub const SPARSE_HEAD: u64 = 4096;
 
 fn xorshift(mut s: u64) -> impl FnMut() -> u64 {
@@ -111,16 +112,24 @@ fn xorshift(mut s: u64) -> impl FnMut() -> u64 {
     }
 }
 
-/// Fill `buf` with the OS image bytes at `offset`. Returns true when the bytes are all zero
-/// (then `buf` is left untouched, so the writer can leave a hole).
+/// The OS image byte at `offset` (what [`os_fill`] writes), for tests that spot-check.
+pub fn os_byte(offset: u64, sparse: bool) -> u8 {
+    let mut b = [0u8];
+    os_fill(offset, &mut b, sparse);
+    b[0]
+}
+
+/// Fill `buf` with the OS image bytes at `offset`. Returns true when the range is all zeros;
+/// then `buf` is left untouched so the writer can leave a hole.
 ///
-/// Dense: every 8-byte word at offset `o` (aligned) is a xorshift64 output seeded by the block
-/// index, so any range can be regenerated independently. Sparse: the first [`SPARSE_HEAD`] bytes
-/// of each [`OS_BLOCK`] are the dense bytes, the rest zeros.
+/// Dense: the 8-byte words of each [`OS_BLOCK`] are a xorshift64 stream seeded by the block
+/// index (little-endian). Sparse: dense bytes where `offset % SPARSE_PERIOD < SPARSE_HEAD`,
+/// zeros elsewhere.
 pub fn os_fill(offset: u64, buf: &mut [u8], sparse: bool) -> bool {
+    let len = buf.len() as u64;
     if sparse {
-        let in_block = offset % OS_BLOCK;
-        if in_block >= SPARSE_HEAD && in_block + buf.len() as u64 <= OS_BLOCK {
+        let in_period = offset % SPARSE_PERIOD;
+        if in_period >= SPARSE_HEAD && in_period + len <= SPARSE_PERIOD {
             return true;
         }
     }
@@ -129,34 +138,24 @@ pub fn os_fill(offset: u64, buf: &mut [u8], sparse: bool) -> bool {
         let o = offset + pos as u64;
         let block = o / OS_BLOCK;
         let in_block = o % OS_BLOCK;
-        let block_left = (OS_BLOCK - in_block) as usize;
-        let n = block_left.min(buf.len() - pos);
-        if sparse && in_block >= SPARSE_HEAD {
-            buf[pos..pos + n].fill(0);
-        } else {
-            // Regenerate the block's word stream up to this point (cheap: heads are small and
-            // dense callers write whole aligned chunks).
-            let mut next = xorshift(block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x05_1A6E);
-            let first_word = in_block / 8;
-            for _ in 0..first_word {
-                next();
+        let n = ((OS_BLOCK - in_block) as usize).min(buf.len() - pos);
+        let mut next = xorshift(block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x05_1A6E);
+        for _ in 0..in_block / 8 {
+            next();
+        }
+        let mut word = next().to_le_bytes();
+        let mut wi = (in_block % 8) as usize;
+        for (i, b) in buf[pos..pos + n].iter_mut().enumerate() {
+            if wi == 8 {
+                word = next().to_le_bytes();
+                wi = 0;
             }
-            let mut word = next().to_le_bytes();
-            let mut wi = (in_block % 8) as usize;
-            for b in &mut buf[pos..pos + n] {
-                if wi == 8 {
-                    word = next().to_le_bytes();
-                    wi = 0;
-                }
-                *b = word[wi];
-                wi += 1;
-            }
-            if sparse {
-                let head_end = (SPARSE_HEAD - in_block.min(SPARSE_HEAD)) as usize;
-                if head_end < n {
-                    buf[pos + head_end..pos + n].fill(0);
-                }
-            }
+            *b = if sparse && (o + i as u64) % SPARSE_PERIOD >= SPARSE_HEAD {
+                0
+            } else {
+                word[wi]
+            };
+            wi += 1;
         }
         pos += n;
     }
@@ -523,7 +522,7 @@ pub mod zip {
     /// 1980-01-01 00:00 in DOS format.
     const DOS_DATE: u16 = (1 << 5) | 1;
     const DOS_TIME: u16 = 0;
-    const STREAM_CHUNK: usize = 1 << 20;
+    const STREAM_CHUNK: usize = 64 << 10;
 
     struct Central {
         name: String,
@@ -551,6 +550,32 @@ pub mod zip {
     }
     fn le64(v: &mut Vec<u8>, x: u64) {
         v.extend_from_slice(&x.to_le_bytes());
+    }
+
+    /// CRC states of zero runs, by length: holes repeat the same few lengths, and combining a
+    /// cached state is far cheaper than hashing gigabytes of zeros.
+    #[derive(Default)]
+    struct ZeroCrcs(Vec<(u64, crc32fast::Hasher)>);
+
+    impl ZeroCrcs {
+        fn of(&mut self, len: u64) -> &crc32fast::Hasher {
+            let i = match self.0.iter().position(|(l, _)| *l == len) {
+                Some(i) => i,
+                None => {
+                    let zeros = vec![0u8; STREAM_CHUNK];
+                    let mut h = crc32fast::Hasher::new();
+                    let mut left = len;
+                    while left > 0 {
+                        let n = left.min(STREAM_CHUNK as u64) as usize;
+                        h.update(&zeros[..n]);
+                        left -= n as u64;
+                    }
+                    self.0.push((len, h));
+                    self.0.len() - 1
+                }
+            };
+            &self.0[i].1
+        }
     }
 
     /// Counts what a deflater emits, for the compressed size.
@@ -656,9 +681,6 @@ pub mod zip {
             let zip64 = self.force_zip64 || size.saturating_add(size / 100 + 4096) >= MAX32;
             let (crc_at, sizes_at) = self.local_header(name, method, 0, size, size, zip64)?;
             let mut hasher = crc32fast::Hasher::new();
-            let zero_chunk = vec![0u8; STREAM_CHUNK];
-            let mut zero_hasher = crc32fast::Hasher::new();
-            zero_hasher.update(&zero_chunk);
             let mut buf = vec![0u8; STREAM_CHUNK];
             let mut done = 0u64;
             let csize;
@@ -681,18 +703,15 @@ pub mod zip {
                 let counter = enc.finish()?;
                 csize = counter.n;
             } else {
+                let mut zeros = ZeroCrcs::default();
                 let mut hole = 0u64;
                 while done < size {
                     let n = (size - done).min(STREAM_CHUNK as u64) as usize;
                     if fill(done, &mut buf[..n]) {
-                        if n == STREAM_CHUNK {
-                            hasher.combine(&zero_hasher);
-                        } else {
-                            hasher.update(&zero_chunk[..n]);
-                        }
                         hole += n as u64;
                     } else {
                         if hole > 0 {
+                            hasher.combine(zeros.of(hole));
                             self.w.seek(SeekFrom::Current(hole as i64))?;
                             hole = 0;
                         }
@@ -702,8 +721,9 @@ pub mod zip {
                     done += n as u64;
                 }
                 if hole > 0 {
-                    // Make the file reach the entry's end even if it ends in a hole: write
-                    // its last byte (a zero) explicitly.
+                    hasher.combine(zeros.of(hole));
+                    // The file must reach the entry's end even if it ends in a hole: write its
+                    // last byte (a zero) explicitly.
                     self.w.seek(SeekFrom::Current(hole as i64 - 1))?;
                     self.w.write_all(&[0])?;
                 }
