@@ -55,6 +55,8 @@ pub trait BootStage: Send {
     fn bulk_out(&mut self, endpoint: u8, data: &[u8]) -> (Reply, Option<IbootEvent>);
     fn bulk_in(&mut self, endpoint: u8, max_len: usize) -> Reply;
     fn env(&self, name: &str) -> Option<String>;
+    /// The ApNonce of this boot, for checking tickets' `BNCH` (stages that check nothing ignore it).
+    fn set_ap_nonce(&mut self, _nonce: &[u8]) {}
 }
 
 impl BootStage for Iboot {
@@ -69,6 +71,9 @@ impl BootStage for Iboot {
     }
     fn env(&self, name: &str) -> Option<String> {
         Iboot::env(self, name).map(str::to_string)
+    }
+    fn set_ap_nonce(&mut self, nonce: &[u8]) {
+        Iboot::set_ap_nonce(self, nonce)
     }
 }
 
@@ -224,10 +229,9 @@ impl SimMac {
     pub fn with_stage_factory(mut self, factory: StageFactory) -> Self {
         self.stage_factory = factory;
         if let Firmware::Iboot { stage, .. } = self.firmware {
-            self.firmware = Firmware::Iboot {
-                stage,
-                fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
-            };
+            let mut fw = (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults);
+            fw.set_ap_nonce(&self.identity.ap_nonce);
+            self.firmware = Firmware::Iboot { stage, fw };
         }
         self
     }
@@ -281,10 +285,12 @@ impl SimMac {
                 self.faults.verify_crc,
             ))),
             UsbMode::PortDfu => Firmware::PortDfu(DfuMachine::new(DfuConfig::port_dfu())),
-            UsbMode::Recovery(stage) => Firmware::Iboot {
-                stage,
-                fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
-            },
+            UsbMode::Recovery(stage) => {
+                let mut fw =
+                    (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults);
+                fw.set_ap_nonce(&self.identity.ap_nonce);
+                Firmware::Iboot { stage, fw }
+            }
             UsbMode::Restore => Firmware::Restore,
         };
         let mut shown = self.identity.clone();

@@ -247,3 +247,54 @@ fn the_rom_refuses_a_ticket_for_another_nonce_or_a_tampered_one() {
     let st = h.dfu_upload(good.get("iBSS"), 0x800, true);
     assert_eq!(st.last().unwrap()[4], 8, "{st:?}");
 }
+
+#[test]
+fn iboot_refuses_tickets_for_the_nonce_before_a_reboot() {
+    let board = Board::load("j274ap").unwrap();
+    let mut ipsw = ipsw("j274ap", "nonce");
+    let svc = TssService::new(TssConfig::from_files(&[&ipsw.manifest_path]).unwrap());
+    let faults = Faults {
+        change_nonce_on_boot: true,
+        ..Faults::default()
+    };
+    let mut h = Host::with(SimMac::new(
+        board.clone(),
+        ECID,
+        StartMode::Dfu,
+        faults,
+        Timing::fast(),
+    ));
+    let dfu_nonce = h.mac.identity().ap_nonce.to_vec();
+    let first = personalize(&mut ipsw, &board, &svc, &dfu_nonce);
+    let st = h.dfu_upload(first.get("iBSS"), 0x800, true);
+    assert_eq!(st.last().unwrap()[4], 8, "{st:?}");
+    h.reset();
+    h.take_link();
+    assert_eq!(h.advance(30), [LinkChange::Attach]);
+    assert_eq!(h.mac.mode(), UsbMode::Recovery(1));
+    h.set_configuration(1);
+    let new_nonce = h.mac.identity().ap_nonce.to_vec();
+    assert_ne!(new_nonce, dfu_nonce);
+    // The first ticket names the DFU nonce: iBSS refuses images personalized with it.
+    h.upload(first.get("Ap,LocalPolicy"));
+    assert_eq!(h.command("lpolrestore", 0), Reply::Ack(vec![]));
+    assert_eq!(h.getret(), 1, "stale BNCH accepted");
+    assert!(matches!(
+        images::verify_image_with_nonce(
+            first.get("Ap,LocalPolicy"),
+            &board,
+            Some(ECID),
+            Some(&new_nonce),
+            &[]
+        ),
+        Err(images::ImageError::Ticket(
+            mac_sim::ticket::TicketError::NonceMismatch { .. }
+        ))
+    ));
+    // Re-personalized for the new nonce (what a host does after iBSS): accepted.
+    let second = personalize(&mut ipsw, &board, &svc, &new_nonce);
+    send(&mut h, second.get("Ap,LocalPolicy"), "lpolrestore");
+    for c in images::stage1_components(&board) {
+        send(&mut h, second.get(&c.name), "firmware");
+    }
+}
