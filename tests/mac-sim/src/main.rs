@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -104,6 +105,15 @@ enum Cmd {
         /// Where to write the test CA's PEM (with --tls).
         #[arg(long, requires = "tls")]
         ca_out: Option<PathBuf>,
+        /// Fault: drop the connection of the first N requests without an answer.
+        #[arg(long, default_value_t = 0)]
+        drop_first: u32,
+        /// Fault: answer every request with STATUS=94 (not eligible).
+        #[arg(long)]
+        always_94: bool,
+        /// Fault: answer every request with HTTP 500.
+        #[arg(long)]
+        http_500: bool,
     },
     /// Write a synthetic IPSW: real ZIP layout, the board's BuildManifest, IM4P components and
     /// a generated OS image.
@@ -216,7 +226,23 @@ fn main() -> Result<()> {
             allow_ecids,
             tls,
             ca_out,
-        } => serve_tss(listen, &manifests, signed_builds, allow_ecids, tls, ca_out)?,
+            drop_first,
+            always_94,
+            http_500,
+        } => {
+            let faults = mac_sim::services::tss::TssFaults::default();
+            faults.drop_next.store(drop_first, Ordering::Relaxed);
+            faults.always_94.store(always_94, Ordering::Relaxed);
+            faults.http_500.store(http_500, Ordering::Relaxed);
+            serve_tss(
+                listen,
+                &manifests,
+                (signed_builds, allow_ecids),
+                tls,
+                ca_out,
+                faults,
+            )?
+        }
         Cmd::MakeIpsw {
             board,
             out,
@@ -248,10 +274,10 @@ fn main() -> Result<()> {
 fn serve_tss(
     listen: SocketAddr,
     manifests: &[PathBuf],
-    signed_builds: Vec<String>,
-    allow_ecids: Vec<String>,
+    (signed_builds, allow_ecids): (Vec<String>, Vec<String>),
     tls: bool,
     ca_out: Option<PathBuf>,
+    faults: mac_sim::services::tss::TssFaults,
 ) -> Result<()> {
     use mac_sim::services::tss::{TssConfig, TssService};
     let mut config = TssConfig::from_files(manifests)?;
@@ -278,7 +304,9 @@ fn serve_tss(
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let svc = std::sync::Arc::new(TssService::new(config));
+        let mut svc = TssService::new(config);
+        svc.faults = faults;
+        let svc = std::sync::Arc::new(svc);
         let server = svc
             .start(listen, tls_config)
             .await

@@ -84,6 +84,52 @@ async fn tss_subcommand_serves_https_with_the_ca_it_wrote() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[tokio::test]
+async fn tss_subcommand_faults_and_unsigned_builds() {
+    let manifest = manifests_dir().join("J274AP.BuildManifest.plist");
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_mac-sim"))
+            .args(["tss", "--drop-first", "1", "--signed-build", "24A1"])
+            .arg("--manifest")
+            .arg(&manifest)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let id = Value::from_file(&manifest)
+        .unwrap()
+        .as_dictionary()
+        .unwrap()["BuildIdentities"]
+        .as_array()
+        .unwrap()[1]
+        .as_dictionary()
+        .unwrap()
+        .clone();
+    let body = tss_request::xml(&tss_request::main_request(&id, 0x42, &[1; 32], true, false));
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    assert!(client.post(&url).body(body.clone()).send().await.is_err());
+    let text = client
+        .post(&url)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        text,
+        "STATUS=94&MESSAGE=This device isn't eligible for the requested build."
+    );
+}
+
 #[test]
 fn make_ipsw_subcommand_writes_a_zip() {
     let out = std::env::temp_dir().join(format!("mac-sim-cli-{}.ipsw", std::process::id()));
