@@ -29,6 +29,8 @@ enum Command {
     Identify(cmd::identify::Args),
     /// Walk a Mac from DFU through iBSS and iBEC to `bootx`, using already-personalized images.
     Bootchain(cmd::bootchain::Args),
+    /// Show what a restore would do: identity, components per stage, the main TSS request.
+    Plan(cmd::plan::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Command::Devices(a) => cmd::devices::run(a),
         Command::Identify(a) => cmd::identify::run(a),
         Command::Bootchain(a) => cmd::bootchain::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

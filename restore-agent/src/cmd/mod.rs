@@ -3,3 +3,4 @@
 pub mod bootchain;
 pub mod devices;
 pub mod identify;
+pub mod plan;
