@@ -732,7 +732,7 @@ pub fn build_im4p(fourcc: FourCc, description: &str, payload: &[u8]) -> Vec<u8> 
 /// `SEQUENCE { "IM4M", INTEGER 0, SET { MANB { SET manb } }, OCTET STRING sign(SET), certificates }`.
 /// `sign` gets the DER of the `SET { MANB }` element (what a signature covers, see
 /// [`Im4m::signed_set`]); `certificates` is appended raw (nothing when empty).
-pub fn build_im4m(
+pub fn build_im4m_with(
     manb: Vec<(FourCc, PropValue)>,
     sign: impl FnOnce(&[u8]) -> Vec<u8>,
     certificates: &[u8],
@@ -744,6 +744,40 @@ pub fn build_im4m(
     c.extend(encode(Tag::OCTET_STRING, &sign(&set)));
     c.extend_from_slice(certificates);
     encode(Tag::SEQUENCE, &c)
+}
+
+/// A ticket in its simplest form: every component gets `EPRO`/`ESEC` = production/security, no
+/// nonce. [`crate::ticket::TicketSpec`] is the full form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketSpec {
+    pub chip: u32,
+    pub board: u32,
+    /// 0 = valid for any ECID (simulator convention).
+    pub ecid: u64,
+    pub security_domain: u32,
+    pub production: bool,
+    pub security: bool,
+    /// Component 4CC → SHA-384 of its IM4P.
+    pub digests: Vec<(FourCc, Vec<u8>)>,
+}
+
+/// An IM4M signed with the simulator's test key, which the simulated Mac trusts (see
+/// [`crate::ticket`] for the layout and key).
+pub fn build_im4m(t: &TicketSpec) -> Vec<u8> {
+    let mut spec = crate::ticket::TicketSpec::simple(
+        t.chip,
+        t.board,
+        t.ecid,
+        t.security_domain,
+        t.digests.clone(),
+    );
+    spec.production = t.production;
+    spec.security = t.security;
+    for c in &mut spec.components {
+        c.epro = t.production;
+        c.esec = t.security;
+    }
+    crate::ticket::sign_im4m(&spec)
 }
 
 /// `IM4R` with the given properties.
@@ -912,7 +946,7 @@ mod tests {
                 PropValue::Set(vec![(FourCc(*b"DGST"), PropValue::Data(vec![2; 48]))]),
             ),
         ];
-        build_im4m(
+        build_im4m_with(
             manb,
             |set| Sha384::digest(set).to_vec(),
             &encode(Tag::SEQUENCE, &encode(Tag::IA5_STRING, b"certs")),
@@ -950,12 +984,27 @@ mod tests {
             Some(&encode(Tag::SEQUENCE, &encode(Tag::IA5_STRING, b"certs"))[..])
         );
         // The real signer: its signature verifies over the signed set.
-        let signed = crate::ticket::sign_im4m(&sample_ticket());
+        let signed = build_im4m(&TicketSpec {
+            chip: 0x8103,
+            board: 0x22,
+            ecid: 7,
+            security_domain: 1,
+            production: false,
+            security: true,
+            digests: vec![(FourCc(*b"ibss"), vec![2; 48])],
+        });
         let sm = Im4m::parse(&signed).unwrap();
         assert!(crate::ticket::verify_signature(
             sm.signed_set,
             sm.signature.unwrap()
         ));
+        assert_eq!(sm.manp_uint("ECID"), Some(7));
+        let epro = find(sm.object(FourCc(*b"ibss")).unwrap(), "EPRO").unwrap();
+        assert_eq!(epro.value, Value::Boolean(false));
+        assert_eq!(
+            find(sm.manp().unwrap(), "CPRO").unwrap().value,
+            Value::Boolean(false)
+        );
         assert_eq!(i.im4r.unwrap().properties[0].fourcc, FourCc(*b"BNCN"));
         // Without IM4R.
         let plain = stitch(&im4p, &im4m, None);

@@ -201,7 +201,7 @@ pub fn sign_im4m(t: &TicketSpec) -> Vec<u8> {
     }
     let mut certs = encode(Tag::IA5_STRING, CERT_PLACEHOLDER_NAME);
     certs.extend(encode(Tag::OCTET_STRING, &TEST_PUBLIC_KEY));
-    crate::img4::build_im4m(manb, sign, &encode(Tag::SEQUENCE, &certs))
+    crate::img4::build_im4m_with(manb, sign, &encode(Tag::SEQUENCE, &certs))
 }
 
 /// Why the simulated Mac refuses a ticket.
@@ -377,7 +377,7 @@ mod tests {
             Err(TicketError::BadSignature)
         );
         // A ticket whose signature was made by another key.
-        let other = crate::img4::build_im4m(
+        let other = crate::img4::build_im4m_with(
             vec![(cc(b"MANP"), PropValue::Set(vec![]))],
             |_| vec![1; 96],
             &[],
