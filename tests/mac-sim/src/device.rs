@@ -56,6 +56,8 @@ pub trait BootStage: Send {
     fn bulk_out(&mut self, endpoint: u8, data: &[u8]) -> (Reply, Option<IbootEvent>);
     fn bulk_in(&mut self, endpoint: u8, max_len: usize) -> Reply;
     fn env(&self, name: &str) -> Option<String>;
+    /// The ApNonce of this boot, for checking tickets' `BNCH` (stages that check nothing ignore it).
+    fn set_ap_nonce(&mut self, _nonce: &[u8]) {}
 }
 
 impl BootStage for Iboot {
@@ -70,6 +72,9 @@ impl BootStage for Iboot {
     }
     fn env(&self, name: &str) -> Option<String> {
         Iboot::env(self, name).map(str::to_string)
+    }
+    fn set_ap_nonce(&mut self, nonce: &[u8]) {
+        Iboot::set_ap_nonce(self, nonce)
     }
 }
 
@@ -141,7 +146,8 @@ pub struct SimMac {
     stage_touched: bool,
     boots: u64,
     port_nonce: [u8; 32],
-    ibss_check: ImageCheck,
+    /// None: the ROM's own check, bound to this unit's ECID and current ApNonce.
+    ibss_check: Option<ImageCheck>,
     stage_factory: StageFactory,
     restore_factory: Option<RestoreFactory>,
 }
@@ -214,7 +220,7 @@ impl SimMac {
             stage_touched: false,
             boots: 0,
             port_nonce,
-            ibss_check: Box::new(crate::images::validate_ibss),
+            ibss_check: None,
             stage_factory: iboot_factory(),
             restore_factory: None,
         };
@@ -224,7 +230,7 @@ impl SimMac {
 
     /// Replace the iBSS check (tests that do not build real IMG4 files).
     pub fn with_ibss_check(mut self, check: ImageCheck) -> Self {
-        self.ibss_check = check;
+        self.ibss_check = Some(check);
         self
     }
 
@@ -233,10 +239,9 @@ impl SimMac {
     pub fn with_stage_factory(mut self, factory: StageFactory) -> Self {
         self.stage_factory = factory;
         if let Firmware::Iboot { stage, .. } = self.firmware {
-            self.firmware = Firmware::Iboot {
-                stage,
-                fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
-            };
+            let mut fw = (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults);
+            fw.set_ap_nonce(&self.identity.ap_nonce);
+            self.firmware = Firmware::Iboot { stage, fw };
         }
         self
     }
@@ -313,10 +318,12 @@ impl SimMac {
                 self.faults.verify_crc,
             ))),
             UsbMode::PortDfu => Firmware::PortDfu(DfuMachine::new(DfuConfig::port_dfu())),
-            UsbMode::Recovery(stage) => Firmware::Iboot {
-                stage,
-                fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
-            },
+            UsbMode::Recovery(stage) => {
+                let mut fw =
+                    (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults);
+                fw.set_ap_nonce(&self.identity.ap_nonce);
+                Firmware::Iboot { stage, fw }
+            }
             UsbMode::Restore => Firmware::Restore(
                 self.restore_factory
                     .as_mut()
@@ -515,12 +522,15 @@ impl SimDevice for SimMac {
         let board = &self.board;
         let refuse = self.faults.refuse_ibss;
         let check = &self.ibss_check;
+        let (ecid, nonce) = (self.identity.ecid, self.identity.ap_nonce);
         match &mut self.firmware {
             Firmware::Dfu(m) => m.control(setup, data_out, |image| {
                 if refuse {
                     Err("fault: the ROM refuses every iBSS".into())
-                } else {
+                } else if let Some(check) = check {
                     check(image, board)
+                } else {
+                    crate::images::validate_ibss_for(image, board, Some(ecid), Some(&nonce))
                 }
             }),
             // The port controller takes any non-empty firmware (its format is not simulated).
