@@ -4,3 +4,4 @@ pub mod bootchain;
 pub mod devices;
 pub mod download;
 pub mod identify;
+pub mod plan;

@@ -7,3 +7,4 @@
 pub mod cdn;
 pub mod http;
 pub mod pki;
+pub mod tss;
