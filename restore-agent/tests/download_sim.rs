@@ -145,12 +145,12 @@ fn downloads_over_https_with_an_extra_ca() {
         let url = cdn.url(NAME);
         assert!(url.starts_with("https://"));
 
-        // Without the test CA the TLS handshake must fail, with a network error.
-        let mut o = options(&url, &dir.join("cache"));
-        o.max_failures = 0;
-        let (d, _) = downloader(o, &HttpConfig::default());
+        // Without the test CA the certificate is refused at once: retrying cannot fix trust.
+        let (d, events) = downloader(options(&url, &dir.join("cache")), &HttpConfig::default());
         let e = d.run().await.unwrap_err();
-        assert!(matches!(e, DownloadError::Network { .. }), "{e}");
+        assert!(matches!(e, DownloadError::Untrusted { .. }), "{e}");
+        assert!(e.to_string().contains("--ca-file"), "{e}");
+        assert!(events.lock().unwrap().is_empty(), "no retries");
 
         let http = HttpConfig {
             extra_ca: Some(ca),

@@ -525,6 +525,7 @@ impl Downloader {
                 },
             },
             AttemptError::Network(reason) => DownloadError::Network { url, reason },
+            AttemptError::Untrusted(reason) => DownloadError::Untrusted { url, reason },
             AttemptError::Stalled => DownloadError::Stalled {
                 url,
                 secs: self.opts.stall_timeout.as_secs().max(1),
@@ -578,8 +579,40 @@ enum AttemptError {
     Stalled,
     Network(String),
     Problem(Problem),
+    /// The TLS certificate is not trusted: retrying cannot help.
+    Untrusted(String),
     Write(io::Error),
     Fatal(DownloadError),
+}
+
+/// Is a rustls certificate rejection anywhere in the chain? (io::Error hides its payload from
+/// `source()`, so it is unwrapped by hand.)
+fn is_untrusted(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let inner = err
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|b| b as &(dyn std::error::Error + 'static));
+        for candidate in [Some(err), inner].into_iter().flatten() {
+            if matches!(
+                candidate.downcast_ref::<rustls::Error>(),
+                Some(rustls::Error::InvalidCertificate(_))
+            ) {
+                return true;
+            }
+            // Layers between reqwest and rustls may re-wrap the error as text; rustls words
+            // every certificate rejection this way.
+            if candidate
+                .to_string()
+                .starts_with("invalid peer certificate")
+            {
+                return true;
+            }
+        }
+        cur = inner.and_then(|i| i.source()).or_else(|| err.source());
+    }
+    false
 }
 
 impl AttemptError {
@@ -591,6 +624,9 @@ impl AttemptError {
             msg = s.to_string();
             src = s.source();
         }
+        if is_untrusted(&e) {
+            return AttemptError::Untrusted(msg);
+        }
         AttemptError::Network(msg)
     }
 
@@ -598,7 +634,7 @@ impl AttemptError {
         match self {
             AttemptError::Cancelled => "cancelled".into(),
             AttemptError::Stalled => "no data (stalled)".into(),
-            AttemptError::Network(m) => m.clone(),
+            AttemptError::Network(m) | AttemptError::Untrusted(m) => m.clone(),
             AttemptError::Problem(p) => match p {
                 Problem::Html => "the CDN sent an HTML page".into(),
                 Problem::Busy(s) | Problem::Status(s) => format!("HTTP {s}"),
@@ -733,7 +769,9 @@ async fn worker(ctx: Arc<Ctx>) {
                         AttemptError::Cancelled => false,
                         AttemptError::Stalled | AttemptError::Network(_) => false,
                         AttemptError::Problem(p) => !p.is_transient(),
-                        AttemptError::Write(_) | AttemptError::Fatal(_) => true,
+                        AttemptError::Untrusted(_)
+                        | AttemptError::Write(_)
+                        | AttemptError::Fatal(_) => true,
                     };
                     if fatal || after.give_up {
                         ctx.fail(e);

@@ -177,6 +177,8 @@ pub enum DownloadError {
     HtmlInsteadOfFile { url: String },
     #[error("cannot download {url}: {reason}; check the station's network and run the download again (it resumes)")]
     Network { url: String, reason: String },
+    #[error("the server for {url} presented a TLS certificate this station does not trust ({reason}): check the station's clock (a wrong date makes valid certificates look expired) and whether a proxy intercepts HTTPS; for a private mirror pass its CA with --ca-file")]
+    Untrusted { url: String, reason: String },
     #[error("the download of {url} stalled: no data for {} s on every retry; check the network and run the download again (it resumes)", .secs)]
     Stalled { url: String, secs: u64 },
     #[error("the firmware at {url} changed on the server during the download ({why}); run the download again to start over")]
