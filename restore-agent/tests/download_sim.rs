@@ -333,6 +333,7 @@ fn an_html_page_with_status_200_is_named() {
         assert!(matches!(e, DownloadError::HtmlInsteadOfFile { .. }), "{e}");
         assert!(e.to_string().contains("web page"), "{e}");
         assert_eq!(cdn.totals().requests, 2, "tried twice");
+        assert_eq!(cdn.fired(0), 2);
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
@@ -531,6 +532,34 @@ fn a_changed_file_on_the_server_starts_over() {
             .iter()
             .any(|e| matches!(e, Event::StartingOver { reason } if reason.contains("ETag"))));
         assert_eq!(done.fetched, size);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+#[test]
+fn a_file_larger_than_the_free_space_is_refused_before_reserving_anything() {
+    let rt = runtime();
+    rt.block_on(async {
+        // 1 PiB: no test machine has that free, and generated content costs the CDN nothing.
+        let size = 1 << 50;
+        let cdn = start(config(size, 13, None, vec![])).await;
+        let dir = scratch("huge");
+        let (d, _) = downloader(options(&cdn.url(NAME), &dir), &HttpConfig::default());
+        let e = d.run().await.unwrap_err();
+        match &e {
+            DownloadError::DiskFull {
+                needed, shortfall, ..
+            } => {
+                assert_eq!(*needed, size);
+                assert!(*shortfall > 0 && *shortfall <= size);
+            }
+            other => panic!("{other}"),
+        }
+        assert!(e
+            .to_string()
+            .starts_with("the data partition is full: free "));
+        assert!(!dir.join(format!("{NAME}.part")).exists());
+        assert_eq!(cdn.totals().body_bytes, 0);
         let _ = std::fs::remove_dir_all(&dir);
     });
 }

@@ -114,6 +114,19 @@ impl Downloader {
                 total: remote.size,
             });
         }
+        // Check before reserving: a failed reservation can leave blocks allocated, and a
+        // station whose disk is full fails in worse ways than a refused download.
+        let needed = remote.size - have.covered();
+        if let Ok(available) = free_space(&dir) {
+            if available < needed {
+                return Err(DownloadError::DiskFull {
+                    dir,
+                    needed,
+                    available,
+                    shortfall: needed - available,
+                });
+            }
+        }
         let writer = {
             let factory = Arc::clone(&self.writer);
             let part = paths.part.clone();

@@ -32,10 +32,18 @@ impl FileWriter {
             .create(true)
             .truncate(false)
             .open(path)?;
+        let fresh = file.metadata()?.len() == 0;
         if file.metadata()?.len() != size {
             file.set_len(size)?;
         }
-        reserve(&file, size)?;
+        if let Err(e) = reserve(&file, size) {
+            // Give back whatever a half-done reservation took; a fresh file holds no data.
+            if fresh {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
         Ok(FileWriter { file })
     }
 }

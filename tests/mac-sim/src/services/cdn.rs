@@ -521,7 +521,10 @@ async fn serve(inner: Arc<Inner>, req: Request, mut resp: Responder) -> io::Resu
                     *c.fired.entry(i).or_default() += 1;
                     fault_503 = true;
                 }
-                Fault::Html200 { every: 0 } => html = true,
+                Fault::Html200 { every: 0 } => {
+                    *c.fired.entry(i).or_default() += 1;
+                    html = true;
+                }
                 Fault::Html200 { every } if !is_head && get_no % every == 0 => {
                     *c.fired.entry(i).or_default() += 1;
                     html = true;
