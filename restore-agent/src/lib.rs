@@ -6,10 +6,12 @@
 //! `bootchain::driver` executes plans against a [`usb::UsbTransport`].
 
 pub mod bootchain;
+pub mod catalog;
 pub mod dfu;
 pub mod http;
 pub mod identity;
 pub mod img4;
+pub mod ipsw;
 pub mod manifest;
 pub mod recovery;
 pub mod tss;
