@@ -15,5 +15,6 @@ pub mod ipsw;
 pub mod manifest;
 pub mod recovery;
 pub mod tss;
+pub mod tss_client;
 pub mod usb;
 pub mod usbmux;
