@@ -7,6 +7,7 @@
 
 pub mod bootchain;
 pub mod catalog;
+pub mod catalog_fetch;
 pub mod dfu;
 pub mod http;
 pub mod identity;
