@@ -27,6 +27,8 @@ enum Command {
     Identify(cmd::identify::Args),
     /// Walk a Mac from DFU through iBSS and iBEC to `bootx`, using already-personalized images.
     Bootchain(cmd::bootchain::Args),
+    /// List the macOS builds offered for a model, newest first (optionally: signed or not).
+    Firmwares(cmd::firmwares::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::Devices(a) => cmd::devices::run(a),
         Command::Identify(a) => cmd::identify::run(a),
         Command::Bootchain(a) => cmd::bootchain::run(a),
+        Command::Firmwares(a) => cmd::firmwares::run(a),
     }
 }
 

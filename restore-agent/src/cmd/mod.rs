@@ -2,4 +2,5 @@
 
 pub mod bootchain;
 pub mod devices;
+pub mod firmwares;
 pub mod identify;
