@@ -122,15 +122,48 @@ impl TssClient {
         &self.config
     }
 
-    /// Posts an XML request and returns the parsed ticket reply.
+    /// Posts an XML request and returns the parsed ticket reply; a refusal (any STATUS other
+    /// than success) is a [`TssClientError::Tss`] error.
     pub async fn post(&self, xml: &[u8]) -> Result<TssResponse, TssClientError> {
-        self.post_raw(xml).await.map(|(response, _)| response)
+        let body = self.request(xml).await?;
+        Ok(tss::parse_response(&body)?)
     }
 
-    /// Posts an XML request and returns the raw body of a successful reply (already checked
-    /// to parse), for callers that keep the reply as Apple sent it.
+    /// Posts an XML request and returns the raw body of the first reply that carries a
+    /// STATUS, whatever it says (`STATUS=94&…` included): the caller parses it. Only replies
+    /// without STATUS are retried. This is the contract of the personalization helper's
+    /// `TssTransport::request`.
     pub async fn request(&self, xml: &[u8]) -> Result<Vec<u8>, TssClientError> {
-        self.post_raw(xml).await.map(|(_, body)| body)
+        let attempts = self.config.max_attempts.max(1);
+        let mut last_url = String::new();
+        let mut reason = String::new();
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let delay = self.config.delay_before_retry(attempt);
+                tracing::info!(attempt, ?delay, %reason, "retrying the TSS request");
+                tokio::time::sleep(delay).await;
+            }
+            last_url = self.config.url_for_attempt(attempt);
+            match self.attempt(&last_url, xml).await {
+                Ok(body) => match tss::parse_response(&body) {
+                    Err(TssError::NoStatus) => {
+                        reason = format!("reply without STATUS: {}", snippet(&body));
+                    }
+                    // Any STATUS is Apple's final word (§4.1), success or not.
+                    _ => {
+                        tracing::info!(url = %last_url, "TSS server answered");
+                        return Ok(body);
+                    }
+                },
+                Err(e) => reason = e,
+            }
+            tracing::warn!(url = %last_url, attempt, %reason, "TSS attempt failed");
+        }
+        Err(TssClientError::Unreachable {
+            attempts,
+            last_url,
+            reason,
+        })
     }
 
     /// Encodes and posts a request dictionary (from `tss::*_request`).
@@ -154,39 +187,6 @@ impl TssClient {
             }
             Err(e) => Err(e),
         }
-    }
-
-    async fn post_raw(&self, xml: &[u8]) -> Result<(TssResponse, Vec<u8>), TssClientError> {
-        let attempts = self.config.max_attempts.max(1);
-        let mut last_url = String::new();
-        let mut reason = String::new();
-        for attempt in 0..attempts {
-            if attempt > 0 {
-                let delay = self.config.delay_before_retry(attempt);
-                tracing::info!(attempt, ?delay, %reason, "retrying the TSS request");
-                tokio::time::sleep(delay).await;
-            }
-            last_url = self.config.url_for_attempt(attempt);
-            match self.attempt(&last_url, xml).await {
-                Ok(body) => match tss::parse_response(&body) {
-                    Ok(response) => {
-                        tracing::info!(url = %last_url, "TSS ticket received");
-                        return Ok((response, body));
-                    }
-                    Err(TssError::NoStatus) => {
-                        reason = format!("reply without STATUS: {}", snippet(&body));
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                Err(e) => reason = e,
-            }
-            tracing::warn!(url = %last_url, attempt, %reason, "TSS attempt failed");
-        }
-        Err(TssClientError::Unreachable {
-            attempts,
-            last_url,
-            reason,
-        })
     }
 
     /// One POST; `Err` is a network-level failure described for the technician.
