@@ -14,6 +14,7 @@ pub mod identity;
 pub mod img4;
 pub mod ipsw;
 pub mod manifest;
+pub mod personalize;
 pub mod recovery;
 pub mod tss;
 pub mod tss_client;

@@ -99,6 +99,23 @@ fn run_with(
     prepare: impl FnOnce(&Path),
 ) -> (Run, usize) {
     let board = Board::load(board_config).unwrap();
+    run_board(
+        board,
+        &manifest_path(board_config),
+        faults,
+        options,
+        prepare,
+    )
+}
+
+/// Like [`run_with`] for any simulated board and manifest file.
+fn run_board(
+    board: Board,
+    manifest: &Path,
+    faults: Faults,
+    options: DriverOptions,
+    prepare: impl FnOnce(&Path),
+) -> (Run, usize) {
     let start = faults.start.unwrap_or(StartMode::Dfu);
     let dir = images_for(&board);
     prepare(dir.path());
@@ -110,7 +127,7 @@ fn run_with(
         faults,
         Timing::fast(),
     )));
-    let manifest = BuildManifest::from_path(&manifest_path(board_config)).unwrap();
+    let manifest = BuildManifest::from_path(manifest).unwrap();
     let device =
         wait_for_device(&usb, None, Duration::from_secs(2), identity::read_identity).unwrap();
     let mut images = Recording {
@@ -426,6 +443,73 @@ fn the_bus_sees_the_mac_in_restore_mode_afterwards() {
         AppleMode::from_ids(devices[0].vendor_id, devices[0].product_id),
         Some(AppleMode::Restore)
     );
+}
+
+/// A Mac newer than macrescue's model table: CPID 0x8152 / BDID 0x30 are in no table row.
+fn unknown_mac() -> Board {
+    let mut board = Board::load("j274ap").unwrap();
+    board.cpid = 0x8152;
+    board.bdid = 0x30;
+    board
+}
+
+/// The j274ap fixture manifest with its identities' chip and board IDs replaced.
+fn manifest_with_ids(dir: &Path, cpid: &str, bdid: &str) -> PathBuf {
+    let mut root = plist::Value::from_file(manifest_path("j274ap")).unwrap();
+    let ids = root
+        .as_dictionary_mut()
+        .and_then(|d| d.get_mut("BuildIdentities"))
+        .and_then(|v| v.as_array_mut())
+        .unwrap();
+    for id in ids.iter_mut().filter_map(|v| v.as_dictionary_mut()) {
+        id.insert("ApChipID".into(), plist::Value::String(cpid.into()));
+        id.insert("ApBoardID".into(), plist::Value::String(bdid.into()));
+    }
+    let path = dir.join("BuildManifest.plist");
+    root.to_file_xml(&path).unwrap();
+    path
+}
+
+#[test]
+fn a_mac_newer_than_the_table_is_restored_from_a_manifest_that_lists_its_board() {
+    let tmp = tempdir::Dir::new("unknown-mac");
+    let manifest = manifest_with_ids(tmp.path(), "0x8152", "0x30");
+    let (r, _) = run_board(
+        unknown_mac(),
+        &manifest,
+        Faults::default(),
+        options(),
+        |_| {},
+    );
+    let outcome = r.result.expect("boot chain with the manifest fallback");
+    assert_eq!(outcome.board, "j274ap");
+    assert!(outcome.restore_device.is_some());
+}
+
+#[test]
+fn a_mac_newer_than_the_table_without_a_matching_manifest_names_its_ids() {
+    let tmp = tempdir::Dir::new("unknown-mac-nomatch");
+    let manifest = manifest_with_ids(tmp.path(), "0x8103", "0x22");
+    let (r, _) = run_board(
+        unknown_mac(),
+        &manifest,
+        Faults::default(),
+        options(),
+        |_| {},
+    );
+    let e = r.result.unwrap_err().to_string();
+    assert!(e.contains("8152") && e.contains("30"), "{e}");
+}
+
+#[test]
+fn a_stalled_dfu_status_request_is_a_named_error() {
+    let faults = Faults::from_specs(&["stall-dfu=getstatus"]).unwrap();
+    let e = run("j274ap", faults).result.unwrap_err();
+    assert!(
+        matches!(e, BootchainError::Dfu(_) | BootchainError::Transport { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("stall"), "{e}");
 }
 
 /// A temporary directory removed on drop (no extra dependency for one test helper).

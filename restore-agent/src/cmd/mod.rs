@@ -4,3 +4,4 @@ pub mod bootchain;
 pub mod devices;
 pub mod firmwares;
 pub mod identify;
+pub mod plan;
