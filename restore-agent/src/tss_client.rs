@@ -19,6 +19,7 @@ use std::time::Duration;
 use plist::Dictionary;
 
 use crate::http::{HttpConfig, HttpError};
+use crate::personalize::{TssTransport, TssTransportError};
 use crate::tss::{self, transport, RequestUuid, TssError, TssParams, TssResponse};
 
 /// Largest reply accepted: real ones are tens of KiB; a cap keeps a broken proxy that streams
@@ -265,6 +266,25 @@ impl BlockingTssClient {
             return Err(TssClientError::InsideRuntime);
         }
         self.runtime.block_on(future)
+    }
+}
+
+/// The personalizing image provider's transport: the boot-chain driver thread asks for tickets
+/// through this.
+impl TssTransport for BlockingTssClient {
+    fn request(&mut self, request_xml: &[u8]) -> Result<Vec<u8>, TssTransportError> {
+        // `request` returns refusals as bodies; every error left means no usable answer.
+        BlockingTssClient::request(self, request_xml).map_err(|e| match e {
+            // The transport error adds its own advice; pass only the facts.
+            TssClientError::Unreachable {
+                attempts,
+                last_url,
+                reason,
+            } => TssTransportError::Unreachable(format!(
+                "no answer after {attempts} attempt(s), last {last_url}: {reason}"
+            )),
+            other => TssTransportError::Unreachable(other.to_string()),
+        })
     }
 }
 

@@ -455,3 +455,27 @@ fn a_missing_file_names_the_status() {
         "{err}"
     );
 }
+
+#[test]
+fn the_personalizer_reads_components_from_a_remote_ipsw() {
+    use restore_agent::personalize::{ComponentSource, IpswSource};
+    let rt = runtime();
+    let a = archive(9);
+    let srv = start(&rt, a.bytes.clone(), Mode::Ranges, false);
+    let ipsw = Ipsw::open_url(&srv.url(), config()).unwrap();
+    let source = IpswSource::new(ipsw, srv.url());
+    assert_eq!(
+        source.read("Firmware/dfu/iBSS.j274.RELEASE.im4p").unwrap(),
+        a.entries[2].1
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/x.ipsw");
+    let err = Ipsw::open_url(&url, config()).unwrap_err().to_string();
+    assert!(err.contains(&url), "{err}");
+    assert!(err.contains("after 3 attempt(s)"), "{err}");
+}

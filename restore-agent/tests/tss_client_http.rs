@@ -335,3 +335,34 @@ fn the_async_client_works_inside_a_runtime() {
     let reply = rt.block_on(client.post(b"x")).unwrap();
     assert_eq!(reply.status, 0);
 }
+
+#[test]
+fn the_blocking_client_is_the_personalizers_transport() {
+    use restore_agent::personalize::{TssTransport, TssTransportError};
+    let rt = runtime();
+    let r = start(
+        &rt,
+        Answer::Body(200, "STATUS=94&MESSAGE=not eligible".into()),
+        false,
+    );
+    let mut client = BlockingTssClient::new(config(r.server.url(), 2)).unwrap();
+    let transport: &mut dyn TssTransport = &mut client;
+    // A refusal is an answer: handed back raw for the personalizer to parse.
+    assert_eq!(
+        transport.request(b"x").unwrap(),
+        b"STATUS=94&MESSAGE=not eligible"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut dead = BlockingTssClient::new(config(format!("http://127.0.0.1:{port}"), 2)).unwrap();
+    match TssTransport::request(&mut dead, b"x") {
+        Err(TssTransportError::Unreachable(why)) => {
+            assert!(why.starts_with("no answer after 2 attempt(s)"), "{why}");
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+}

@@ -28,7 +28,7 @@ use reqwest::header::{self, HeaderMap};
 use reqwest::StatusCode;
 use tokio::sync::watch;
 
-use super::RandomAccess;
+use super::{Ipsw, RandomAccess, ZipError};
 use crate::http::{HttpConfig, HttpError};
 
 /// How a remote IPSW is read.
@@ -256,6 +256,18 @@ impl RemoteFile {
         }
         let inner = Arc::clone(&self.inner);
         self.runtime().block_on(inner.read_cached(offset, buf))
+    }
+}
+
+impl Ipsw<RemoteFile> {
+    /// Opens an IPSW on an HTTP(S) server: size and version, then the ZIP directory, all by
+    /// range requests.
+    pub fn open_url(url: &str, config: RemoteConfig) -> Result<Self, ZipError> {
+        let file = RemoteFile::open(url, config).map_err(|e| ZipError::Open {
+            path: url.into(),
+            source: e.into_io(),
+        })?;
+        Self::open(file)
     }
 }
 
