@@ -11,8 +11,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::catalog::{self, CatalogError, FirmwareEntry};
-use crate::http::{HttpConfig, HttpError};
-use crate::tss_client::describe;
+use crate::http::{describe_error, HttpConfig, HttpError};
 
 /// Default base of the ipsw.me API (§9.1).
 pub const IPSW_ME_BASE_URL: &str = "https://api.ipsw.me";
@@ -211,7 +210,7 @@ impl CatalogFetcher {
                 if e.is_timeout() {
                     FailureReason::Timeout(timeout)
                 } else {
-                    FailureReason::Network(describe(&e))
+                    FailureReason::Network(describe_error(&e))
                 }
             };
             let mut response = self.client.get(url).send().await.map_err(net)?;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use plist::Dictionary;
 
-use crate::http::{HttpConfig, HttpError};
+use crate::http::{describe_error, HttpConfig, HttpError};
 use crate::personalize::{TssTransport, TssTransportError};
 use crate::tss::{self, transport, RequestUuid, TssError, TssParams, TssResponse};
 
@@ -196,10 +196,10 @@ impl TssClient {
         for (name, value) in transport::HEADERS {
             request = request.header(name, value);
         }
-        let mut response = request.send().await.map_err(|e| describe(&e))?;
+        let mut response = request.send().await.map_err(|e| describe_error(&e))?;
         let status = response.status();
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| describe(&e))? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| describe_error(&e))? {
             if body.len() + chunk.len() > MAX_REPLY {
                 return Err(format!("reply larger than {MAX_REPLY} bytes"));
             }
@@ -298,24 +298,6 @@ fn snippet(body: &[u8]) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     format!("{:?}", text.trim())
-}
-
-/// reqwest's top-level message hides the cause (refused, DNS, TLS); walk the chain.
-pub(crate) fn describe(e: &reqwest::Error) -> String {
-    let mut text = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "could not connect".to_string()
-    } else {
-        e.to_string()
-    };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use reqwest::StatusCode;
 use tokio::sync::watch;
 
 use super::{Ipsw, RandomAccess, ZipError};
-use crate::http::{HttpConfig, HttpError};
+use crate::http::{describe_error, HttpConfig, HttpError};
 
 /// How a remote IPSW is read.
 #[derive(Debug, Clone)]
@@ -336,7 +336,7 @@ impl Inner {
                     .head(&self.url)
                     .send()
                     .await
-                    .map_err(|e| Attempt::Transient(crate::tss_client::describe(&e)))?;
+                    .map_err(|e| Attempt::Transient(describe_error(&e)))?;
                 Ok((r.status(), r.headers().clone()))
             })
             .await?;
@@ -372,7 +372,7 @@ impl Inner {
                     .header(header::RANGE, "bytes=0-0")
                     .send()
                     .await
-                    .map_err(|e| Attempt::Transient(crate::tss_client::describe(&e)))?;
+                    .map_err(|e| Attempt::Transient(describe_error(&e)))?;
                 if r.status() != StatusCode::PARTIAL_CONTENT {
                     return Err(classify_status(&self.url, r.status()));
                 }
@@ -425,7 +425,7 @@ impl Inner {
 
     async fn try_range(&self, start: u64, end: u64) -> Result<Bytes, Attempt> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let transient = |e: reqwest::Error| Attempt::Transient(crate::tss_client::describe(&e));
+        let transient = |e: reqwest::Error| Attempt::Transient(describe_error(&e));
         let mut response = self
             .client
             .get(&self.url)
@@ -491,7 +491,7 @@ impl Inner {
                     return Err(Attempt::Transient(format!(
                         "connection dropped after {} of {want} bytes: {}",
                         body.len(),
-                        crate::tss_client::describe(&e)
+                        describe_error(&e)
                     )))
                 }
             }
