@@ -179,7 +179,8 @@ impl CatalogFetcher {
         let Some(base) = &self.config.fallback_url else {
             return Err(CatalogFetchError::PrimaryFailed(Box::new(primary_failure)));
         };
-        tracing::warn!(%primary_failure, "falling back to ipsw.me");
+        // Info, not warn: the result carries the note, and the CLI prints it once.
+        tracing::info!(%primary_failure, "falling back to ipsw.me");
         let url = ipsw_me_url(base, product_type);
         let fallback = self
             .get(&url)
