@@ -9,6 +9,7 @@ use crate::descriptors::{Descriptors, Identity, UsbMode, EP_RECOVERY_CONSOLE_IN,
 use crate::dfu::{DfuConfig, DfuMachine, DfuState};
 use crate::faults::{Faults, Stage, StartMode};
 use crate::iboot::{Iboot, IbootEvent, IbootStage};
+use crate::restore::RestoreOs;
 use crate::wire::{Enumeration, LinkChange, Reply, Setup, SimDevice};
 
 /// ROM version shown in `SRTG` (an M1-era SecureROM tag).
@@ -91,9 +92,16 @@ fn iboot_factory() -> StageFactory {
 enum Firmware {
     Dfu(DfuMachine),
     PortDfu(DfuMachine),
-    Iboot { stage: u8, fw: Box<dyn BootStage> },
-    Restore,
+    Iboot {
+        stage: u8,
+        fw: Box<dyn BootStage>,
+    },
+    /// The restore OS; None when no scenario was configured (bulk IN only NAKs).
+    Restore(Option<RestoreOs>),
 }
+
+/// Boots the restore OS (usbmux + restored scenario) each time the Mac reaches restore mode.
+pub type RestoreFactory = Box<dyn FnMut(&Board, &Identity) -> RestoreOs + Send>;
 
 /// Where the Mac goes at its next boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +143,7 @@ pub struct SimMac {
     port_nonce: [u8; 32],
     ibss_check: ImageCheck,
     stage_factory: StageFactory,
+    restore_factory: Option<RestoreFactory>,
 }
 
 /// splitmix64: deterministic per ECID and boot, so tests can predict nonces.
@@ -195,7 +204,7 @@ impl SimMac {
             identity,
             faults,
             timing,
-            firmware: Firmware::Restore,
+            firmware: Firmware::Restore(None),
             link: Link::Attached,
             pending: None,
             manifest_seen: None,
@@ -207,6 +216,7 @@ impl SimMac {
             port_nonce,
             ibss_check: Box::new(crate::images::validate_ibss),
             stage_factory: iboot_factory(),
+            restore_factory: None,
         };
         mac.enter(mode);
         mac
@@ -229,6 +239,29 @@ impl SimMac {
             };
         }
         self
+    }
+
+    /// Run a restore OS (see [`crate::restore`]) whenever the Mac boots into restore mode.
+    pub fn with_restore(mut self, factory: RestoreFactory) -> Self {
+        self.restore_factory = Some(factory);
+        if let Firmware::Restore(None) = self.firmware {
+            if self.descriptors.mode == UsbMode::Restore {
+                self.firmware = Firmware::Restore(
+                    self.restore_factory
+                        .as_mut()
+                        .map(|f| f(&self.board, &self.identity)),
+                );
+            }
+        }
+        self
+    }
+
+    /// The running restore OS, in restore mode.
+    pub fn restore_os(&self) -> Option<&RestoreOs> {
+        match &self.firmware {
+            Firmware::Restore(os) => os.as_ref(),
+            _ => None,
+        }
     }
 
     pub fn board(&self) -> &Board {
@@ -284,7 +317,11 @@ impl SimMac {
                 stage,
                 fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
             },
-            UsbMode::Restore => Firmware::Restore,
+            UsbMode::Restore => Firmware::Restore(
+                self.restore_factory
+                    .as_mut()
+                    .map(|f| f(&self.board, &self.identity)),
+            ),
         };
         let mut shown = self.identity.clone();
         if mode == UsbMode::PortDfu {
@@ -317,7 +354,7 @@ impl SimMac {
             Firmware::Iboot { .. } => Stage::Stage2,
             // Reaching restore mode is past every fault stage but AfterBootx, which fires
             // on `bootx` itself.
-            Firmware::Restore => Stage::AfterBootx,
+            Firmware::Restore(_) => Stage::AfterBootx,
         }
     }
 
@@ -495,7 +532,7 @@ impl SimDevice for SimMac {
                 }
                 reply
             }
-            Firmware::Restore => Reply::Stall,
+            Firmware::Restore(_) => Reply::Stall,
         }
     }
 
@@ -505,10 +542,17 @@ impl SimDevice for SimMac {
         }
         let ok_ep = match &self.firmware {
             Firmware::Iboot { .. } => endpoint == EP_RECOVERY_OUT,
+            Firmware::Restore(_) => endpoint == crate::descriptors::EP_MUX_OUT,
             _ => false,
         };
         if !ok_ep || self.configuration != 1 {
             return Reply::Stall;
+        }
+        if let Firmware::Restore(os) = &mut self.firmware {
+            return match os {
+                Some(os) => os.bulk_out(data),
+                None => Reply::Stall,
+            };
         }
         if self.fault_disconnects(data.len()) {
             return Reply::Stall;
@@ -529,8 +573,12 @@ impl SimDevice for SimMac {
         }
         match &self.firmware {
             Firmware::Iboot { .. } if endpoint == EP_RECOVERY_CONSOLE_IN => {}
-            // Restore-mode usbmux traffic is a later issue: nothing to say yet.
-            Firmware::Restore if endpoint == crate::descriptors::EP_MUX_IN => return Reply::Nak,
+            Firmware::Restore(os) if endpoint == crate::descriptors::EP_MUX_IN => {
+                return match os {
+                    Some(os) => os.bulk_in(max_len),
+                    None => Reply::Nak,
+                };
+            }
             _ => return Reply::Stall,
         }
         if self.fault_disconnects(0) {
@@ -580,6 +628,12 @@ impl SimDevice for SimMac {
                 Some(LinkChange::Attach)
             }
             Link::Attached => {
+                if let Firmware::Restore(Some(os)) = &self.firmware {
+                    if os.gone() && self.pending.is_none() {
+                        tracing::info!("fault: Mac drops off the bus in restore mode");
+                        self.pending = Some(Next::Gone);
+                    }
+                }
                 if self.pending.is_none() {
                     let manifested = match &self.firmware {
                         Firmware::Dfu(m) | Firmware::PortDfu(m) => m.accepted_image().is_some(),
@@ -665,6 +719,72 @@ mod tests {
         let m = mac(StartMode::Dfu, f);
         assert_eq!(m.mode(), UsbMode::Recovery(1));
         assert_eq!(m.env("boot-stage").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn restore_mode_forwards_the_mux_endpoints_to_the_restore_os() {
+        use crate::restore::scenario::Scenario;
+        use crate::restore::{RestoreConfig, RestoreOs};
+        let latest = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let cfg = RestoreConfig {
+            timeout: Duration::from_millis(200),
+            ..RestoreConfig::default()
+        };
+        let scenario = Scenario::shipped("mac-revive").unwrap();
+        let mut m = mac(StartMode::Recovery, Faults::default()).with_restore(RestoreOs::factory(
+            scenario,
+            cfg,
+            latest.clone(),
+        ));
+        m.pending = Some(Next::Mode(UsbMode::Restore));
+        let t0 = Instant::now();
+        assert_eq!(m.poll_link(t0), Some(LinkChange::Detach));
+        assert_eq!(
+            m.poll_link(t0 + Duration::from_millis(100)),
+            Some(LinkChange::Attach)
+        );
+        assert_eq!(m.mode(), UsbMode::Restore);
+        let set_config = Setup {
+            request_type: 0,
+            request: 9,
+            value: 1,
+            index: 0,
+            length: 0,
+        };
+        assert_eq!(m.control(&set_config, &[]), Reply::Ack(vec![]));
+        let ep_in = crate::descriptors::EP_MUX_IN;
+        let ep_out = crate::descriptors::EP_MUX_OUT;
+        assert_eq!(m.bulk_in(ep_in, 16384), Reply::Nak);
+        let version = [0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(m.bulk_out(ep_out, &version), Reply::Ack(vec![]));
+        assert_eq!(m.bulk_in(ep_in, 16384), Reply::Ack(version.to_vec()));
+        assert!(m.restore_os().is_some());
+        let handle = latest.lock().unwrap().clone().unwrap();
+        assert_eq!(handle.stats().packets_in, 1);
+        // Leaving restore mode ends the scenario thread instead of leaving it waiting.
+        m.pending = Some(Next::Mode(UsbMode::Recovery(1)));
+        let t1 = Instant::now();
+        m.poll_link(t1);
+        m.poll_link(t1 + Duration::from_millis(100));
+        assert!(matches!(
+            handle.wait(Duration::from_secs(2)),
+            crate::restore::restored::Outcome::Broken(_)
+        ));
+    }
+
+    #[test]
+    fn restore_mode_without_a_scenario_only_naks() {
+        let mut m = mac(StartMode::Recovery, Faults::default());
+        m.pending = Some(Next::Mode(UsbMode::Restore));
+        let t0 = Instant::now();
+        m.poll_link(t0);
+        m.poll_link(t0 + Duration::from_millis(100));
+        m.configuration = 1;
+        assert_eq!(m.bulk_in(crate::descriptors::EP_MUX_IN, 512), Reply::Nak);
+        assert_eq!(
+            m.bulk_out(crate::descriptors::EP_MUX_OUT, &[0; 20]),
+            Reply::Stall
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod iboot;
 pub mod images;
 pub mod img4;
 pub mod inproc;
+pub mod restore;
 pub mod services;
 pub mod usbip;
 pub mod wire;
