@@ -8,6 +8,7 @@
 pub mod asr;
 pub mod bootchain;
 pub mod catalog;
+pub mod catalog_fetch;
 pub mod dfu;
 pub mod download;
 pub mod http;
@@ -20,5 +21,6 @@ pub mod recovery;
 pub mod restored;
 pub mod reverse_proxy;
 pub mod tss;
+pub mod tss_client;
 pub mod usb;
 pub mod usbmux;

@@ -31,6 +31,8 @@ enum Command {
     Bootchain(cmd::bootchain::Args),
     /// Show what a restore would do: identity, components per stage, the main TSS request.
     Plan(cmd::plan::Args),
+    /// List the macOS builds offered for a model, newest first (optionally: signed or not).
+    Firmwares(cmd::firmwares::Args),
     /// Download a firmware file into the cache (parallel, resumable, SHA-1 checked).
     Download(cmd::download::Args),
 }
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Identify(a) => cmd::identify::run(a),
         Command::Bootchain(a) => cmd::bootchain::run(a),
         Command::Plan(a) => cmd::plan::run(a),
+        Command::Firmwares(a) => cmd::firmwares::run(a),
         Command::Download(a) => cmd::download::run(a),
     };
     match result {

@@ -3,5 +3,6 @@
 pub mod bootchain;
 pub mod devices;
 pub mod download;
+pub mod firmwares;
 pub mod identify;
 pub mod plan;

@@ -140,6 +140,8 @@ enum Cmd {
         #[arg(long)]
         sparse_os: bool,
     },
+    /// Serve a simulated firmware catalog (Apple mesu XML + ipsw.me v4 JSON) until killed.
+    Catalog(mac_sim::services::catalog::CliArgs),
 }
 
 #[derive(clap::Args)]
@@ -352,6 +354,12 @@ fn main() -> Result<()> {
                 summary.os_paths.join(", ")
             );
         }
+        Cmd::Catalog(args) => mac_sim::services::catalog::run_cli(args, |mesu, ipsw_me| {
+            // Scripts read these two lines to find the ephemeral port.
+            println!("mesu: {mesu}");
+            println!("ipsw.me: {ipsw_me}");
+        })
+        .context("catalog server failed")?,
     }
     Ok(())
 }
