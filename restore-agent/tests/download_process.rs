@@ -145,3 +145,64 @@ fn two_processes_downloading_one_file_fetch_it_once() {
     assert_eq!(cdn.totals().body_bytes, size, "downloaded once");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn model_and_build_are_looked_up_in_the_catalog() {
+    use mac_sim::services::catalog::{mesu_url, CatalogBuild, CatalogService};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let size = 2 * MIB + 5;
+    let sha1 = generated_sha1(23, size);
+    let (cdn, catalog_url) = rt.block_on(async {
+        let cdn = Cdn::start(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            CdnConfig {
+                files: vec![CdnFile::generated(NAME, size, 23)],
+                rate: None,
+                faults: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        let service = CatalogService::from_builds(vec![CatalogBuild {
+            product_type: "Mac14,2".into(),
+            version: "26.2".into(),
+            build: "25C56".into(),
+            url: cdn.url(NAME),
+            sha1: Some(hex::encode(sha1)),
+        }]);
+        let server = service
+            .start("127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .unwrap();
+        (cdn, mesu_url(&server))
+    });
+    let dir = scratch("model");
+    let run = |build: &str| {
+        Command::new(AGENT)
+            .args(["download", "--model", "Mac14,2", "--build", build])
+            .args(["--catalog-url", &catalog_url, "--no-fallback", "--cache"])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let out = run("25C56");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        dir.join(NAME).display().to_string()
+    );
+    // The catalog's SHA-1 was checked (it is what the agent reports).
+    assert!(stderr.contains(&hex::encode(sha1)), "{stderr}");
+    assert_eq!(cdn.totals().body_bytes, size);
+
+    let out = run("25A1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("offers no build 25A1 for Mac14,2 (it offers: 25C56)"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use restore_agent::catalog::{self, FirmwareEntry};
+use restore_agent::catalog_fetch::{self, CatalogFetchConfig, CatalogFetcher};
 use restore_agent::download::{DownloadOptions, Downloader, Event, Progress};
 use restore_agent::http::HttpConfig;
 
@@ -21,6 +23,15 @@ pub struct Args {
     /// Download this URL.
     #[arg(long, required_unless_present = "model")]
     pub url: Option<String>,
+    /// Apple's macOS IPSW catalog (with --model/--build).
+    #[arg(long, default_value = catalog::MESU_MACOS_IPSW_CATALOG_URL)]
+    pub catalog_url: String,
+    /// The ipsw.me API used when Apple's catalog fails (base URL, or a URL with {model}).
+    #[arg(long, default_value = catalog_fetch::IPSW_ME_BASE_URL)]
+    pub fallback_url: String,
+    /// Use Apple's catalog only.
+    #[arg(long)]
+    pub no_fallback: bool,
     /// The shared cache directory.
     #[arg(long, default_value = "/var/cache/macrescue")]
     pub cache: PathBuf,
@@ -49,25 +60,34 @@ fn parse_sha1(s: &str) -> Result<[u8; 20], String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let Some(url) = args.url.clone() else {
-        // The catalog fetch (model + build → URL and SHA-1) is not on this branch yet.
-        bail!(
-            "--model/--build needs the firmware catalog, which this build cannot fetch yet; \
-             pass --url (and --sha1) from `restore-agent firmwares` or the catalog instead"
-        );
-    };
     let http = HttpConfig {
         extra_ca: args.ca_file.clone(),
         ..HttpConfig::default()
     };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let (url, catalog_sha1) = match (&args.url, &args.model, &args.build) {
+        (Some(url), _, _) => (url.clone(), None),
+        (None, Some(model), Some(build)) => {
+            let entry = rt.block_on(find_build(&args, &http, model, build))?;
+            if entry.sha1.is_none() {
+                eprintln!(
+                    "warning: the catalog gives no SHA-1 for {model} {build}; the download can only be checked for size"
+                );
+            }
+            (entry.url, entry.sha1)
+        }
+        _ => bail!("give --url, or --model with --build"),
+    };
+    if url.starts_with("protected:") {
+        bail!("{url} is a protected (encrypted) firmware URL, which cannot be downloaded");
+    }
     let mut opts = DownloadOptions::new(url, &args.cache);
     opts.connections = usize::from(args.connections);
-    opts.sha1 = args.sha1;
+    opts.sha1 = args.sha1.or(catalog_sha1);
     opts.stall_timeout = Duration::from_secs(args.stall_timeout.max(1));
     opts.save_every = Duration::from_millis(args.save_every_ms.max(10));
     let started = std::time::Instant::now();
     let downloader = Downloader::new(&http, opts)?.on_event(Arc::new(print_event));
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let done = rt.block_on(downloader.run())?;
     let secs = started.elapsed().as_secs_f64();
     if done.from_cache {
@@ -84,6 +104,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", done.path.display())?;
     Ok(())
+}
+
+/// The catalog entry for `model` and `build` (URL and SHA-1).
+async fn find_build(
+    args: &Args,
+    http: &HttpConfig,
+    model: &str,
+    build: &str,
+) -> anyhow::Result<FirmwareEntry> {
+    let fetcher = CatalogFetcher::new(CatalogFetchConfig {
+        catalog_url: args.catalog_url.clone(),
+        fallback_url: (!args.no_fallback).then(|| args.fallback_url.clone()),
+        http: http.clone(),
+        ..CatalogFetchConfig::default()
+    })?;
+    let fetched = fetcher.builds_for(model).await?;
+    if let Some(note) = fetched.fallback_note() {
+        eprintln!("note: {note}");
+    }
+    let offered: Vec<&str> = fetched.entries.iter().map(|e| e.build.as_str()).collect();
+    match fetched
+        .entries
+        .iter()
+        .find(|e| e.build.eq_ignore_ascii_case(build))
+    {
+        Some(e) => Ok(e.clone()),
+        None => bail!(
+            "the catalog offers no build {build} for {model} (it offers: {}); pick one from `restore-agent firmwares --model {model}`",
+            offered.join(", ")
+        ),
+    }
 }
 
 fn print_event(e: &Event) {
