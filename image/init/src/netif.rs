@@ -20,11 +20,12 @@ pub fn loopback_up() -> nix::Result<()> {
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write only the ifreq we pass, which outlives
     // the calls; the socket fd is open.
     unsafe {
-        if nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCGIFFLAGS, &mut req) < 0 {
+        if nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCGIFFLAGS as _, &mut req) < 0 {
             return Err(nix::errno::Errno::last());
         }
+        // The ioctl request type is c_ulong on glibc and c_int on musl, hence `as _`.
         req.ifr_ifru.ifru_flags |= (nix::libc::IFF_UP | nix::libc::IFF_RUNNING) as i16;
-        if nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCSIFFLAGS, &req) < 0 {
+        if nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCSIFFLAGS as _, &req) < 0 {
             return Err(nix::errno::Errno::last());
         }
     }

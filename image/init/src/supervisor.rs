@@ -79,7 +79,7 @@ pub fn spawn_shell(tty: &str) -> std::io::Result<Pid> {
         cmd.pre_exec(|| {
             nix::unistd::setsid()?;
             // Make stdin's tty the controlling terminal so Ctrl-C reaches the shell's jobs.
-            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) < 0 {
+            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY as _, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
