@@ -8,7 +8,7 @@
 #                                       + initramfs), unsigned
 #   out/macrescue-ARCH.img              GPT: ESP (FAT32, EFI/BOOT/BOOTX64.EFI) + data partition
 #                                       (exFAT, GPT name and label MACRESCUE)
-#   out/macrescue-ARCH.img.zst          the download
+#   out/macrescue-ARCH.img.{zst,xz}     the download (xz for GUI imagers)
 #
 # Reproducible: same inputs (kernel package, binaries, SOURCE_DATE_EPOCH) → same bytes. Every
 # timestamp is SOURCE_DATE_EPOCH (default: the last commit), every owner root, every random
@@ -45,6 +45,7 @@ STUB=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
 
 need_pkg cpio cpio
 need_pkg zstd zstd
+need_pkg xz xz-utils
 need_pkg objcopy binutils
 need_pkg mcopy mtools
 need_pkg mkfs.vfat dosfstools
@@ -164,6 +165,8 @@ dd if="$ESP" of="$IMAGE.tmp" bs=512 seek="$ESP_START" conv=notrunc,sparse status
 dd if="$DATA" of="$IMAGE.tmp" bs=512 seek="$DATA_START" conv=notrunc,sparse status=none
 mv "$IMAGE.tmp" "$IMAGE"
 zstd -q -19 -T1 -f "$IMAGE" -o "$IMAGE.zst"
+# .xz too: every GUI imager (balenaEtcher, Raspberry Pi Imager) opens it without unpacking.
+xz -9 -T1 -c "$IMAGE" >"$IMAGE.xz"
 
 size() { stat -c %s "$1"; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
@@ -171,6 +174,6 @@ log "built in $(elapsed "$T0") s (kernel $KV, SOURCE_DATE_EPOCH=$SOURCE_DATE_EPO
 log "initramfs  $(mib "$(size "$INITRD")")  $INITRD"
 log "UKI        $(mib "$(size "$UKI")")  $UKI (kernel $(mib "$(size "$VMLINUZ")"))"
 log "image      $(mib "$(size "$IMAGE")")  $IMAGE"
-log "download   $(mib "$(size "$IMAGE.zst")")  $IMAGE.zst"
+log "download   $(mib "$(size "$IMAGE.zst")")  $IMAGE.zst, $(mib "$(size "$IMAGE.xz")") .xz"
 (cd "$(dirname "$IMAGE")" && sha256sum "$(basename "$IMAGE")") >&2
 echo "$IMAGE"

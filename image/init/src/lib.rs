@@ -25,4 +25,5 @@ pub mod markers {
     pub const STATION_READY: &str = "MACRESCUE: station ready";
     pub const DATA_MOUNTED: &str = "MACRESCUE: data partition mounted";
     pub const NO_DATA: &str = "MACRESCUE: no data partition";
+    pub const SHUTDOWN: &str = "MACRESCUE: shutdown complete";
 }

@@ -230,9 +230,10 @@ fn mount_data(
             let _ = std::fs::create_dir_all(target.join("macrescue"));
             consoles.write_all_consoles(
                 format!(
-                    "{} {} ({fstype}, {label}) at {DATA_DIR}\n",
+                    "{} {} ({fstype}, {label}) at {DATA_DIR}, {:.2} s after kernel start\n",
                     markers::DATA_MOUNTED,
-                    dev.display()
+                    dev.display(),
+                    uptime()
                 )
                 .as_bytes(),
             );
@@ -340,8 +341,9 @@ fn supervise(
             if !ready_reported && station.started.elapsed() >= settings.ready_after {
                 consoles.write_all_consoles(
                     format!(
-                        "{} (pid {pid}: {})\n",
+                        "{} {:.2} s after kernel start (pid {pid}: {})\n",
                         markers::STATION_READY,
+                        uptime(),
                         settings.station.join(" ")
                     )
                     .as_bytes(),
@@ -388,6 +390,14 @@ fn supervise(
         }
         reap(&mut station, shell.as_mut());
     }
+}
+
+/// Seconds since the kernel started (the boot-time figure that excludes the firmware).
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Collect every exited process (PID 1 inherits all orphans) and note our own children.

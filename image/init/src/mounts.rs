@@ -64,14 +64,17 @@ pub fn data(dev: &Path, fstype: &str, target: &Path) -> nix::Result<()> {
 }
 
 /// Unmount for shutdown; fall back to read-only so the file system is at least clean.
-pub fn release(target: &Path) {
-    if umount2(target, MntFlags::empty()).is_err() {
-        let _ = mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        );
+/// Returns whether the unmount itself worked.
+pub fn release(target: &Path) -> bool {
+    if umount2(target, MntFlags::empty()).is_ok() {
+        return true;
     }
+    let _ = mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    false
 }

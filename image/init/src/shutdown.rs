@@ -34,17 +34,27 @@ impl Action {
 /// Stop every process, unmount the data partition and `reboot(2)`. Never returns.
 pub fn run(action: Action, data: Option<&Path>) -> ! {
     info!("{action:?}: stopping all processes");
-    // kill(-1) reaches every process except PID 1 itself.
+    // kill(-1) reaches every process except PID 1 itself. Interactive shells ignore SIGTERM
+    // but leave on SIGHUP (their terminal "hung up").
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let _ = kill(Pid::from_raw(-1), Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline && !all_reaped() {
         std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = user_processes();
+    if !left.is_empty() {
+        warn!("still running after 3 s, killing: {}", left.join(", "));
     }
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     let _ = all_reaped();
     nix::unistd::sync();
     if let Some(d) = data {
-        crate::mounts::release(d);
+        if crate::mounts::release(d) {
+            info!("data partition unmounted");
+        } else {
+            warn!("data partition still busy; remounted read-only");
+        }
     }
     nix::unistd::sync();
     let mode = match action {
@@ -52,6 +62,7 @@ pub fn run(action: Action, data: Option<&Path>) -> ! {
         Action::PowerOff => RebootMode::RB_POWER_OFF,
         Action::Reboot => RebootMode::RB_AUTOBOOT,
     };
+    info!("{}: {action:?}", crate::markers::SHUTDOWN);
     let err = match reboot(mode) {
         Ok(never) => match never {},
         Err(e) => e,
@@ -60,6 +71,22 @@ pub fn run(action: Action, data: Option<&Path>) -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// `pid:name` of every user-space process but PID 1 (kernel threads have no cmdline).
+fn user_processes() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != 1)
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()))
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{pid}:{}", comm.trim())
+        })
+        .collect()
 }
 
 /// Reap what has exited; true once no children are left.

@@ -39,6 +39,7 @@ pub fn spawn_station(
     if let Some(d) = data_dir {
         cmd.env("MACRESCUE_DATA", d);
     }
+    unblock_signals_in_child(&mut cmd);
     let child = cmd.spawn()?;
     // The write ends now live only in the child (Command dropped them), so the copier sees EOF
     // when the station and anything it started are gone.
@@ -73,6 +74,7 @@ pub fn spawn_shell(tty: &str) -> std::io::Result<Pid> {
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr);
+    unblock_signals_in_child(&mut cmd);
     // SAFETY: runs in the forked child before exec and calls only async-signal-safe functions
     // (setsid, ioctl) on the child's own fds.
     unsafe {
@@ -87,6 +89,19 @@ pub fn spawn_shell(tty: &str) -> std::io::Result<Pid> {
     }
     let child = cmd.spawn()?;
     Ok(Pid::from_raw(child.id() as i32))
+}
+
+/// PID 1 blocks the signals it takes through its signalfd, and a blocked mask survives exec:
+/// without this the station and the shell would ignore SIGTERM/SIGHUP at shutdown (seen in the
+/// boot test: both had to be SIGKILLed).
+fn unblock_signals_in_child(cmd: &mut Command) {
+    // SAFETY: runs in the forked child before exec; pthread_sigmask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::signal::SigSet::all().thread_unblock()?;
+            Ok(())
+        });
+    }
 }
 
 /// Whether the image carries a shell at all (the minimal image does not).
