@@ -22,6 +22,9 @@
 #        MACRESCUE_DATA_MIB       size of the data partition (default 64; grown on first boot
 #                                 in a later slice)
 #        MACRESCUE_SKIP_BUILD=1   use the binaries already built
+#        MACRESCUE_IMAGE_KIND=reference  the boot-time reference instead (same kernel, same
+#                                 stick layout, busybox /init that prints the kernel uptime and
+#                                 powers off): out/macrescue-reference-ARCH.img
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 source "$HERE/../ci/vm/lib.sh"
@@ -29,8 +32,14 @@ source "$HERE/../ci/vm/lib.sh"
 ARCH="$(vm_arch "${1:-x86_64}")"
 [[ "$ARCH" == x86_64 ]] || die "only x86_64 images exist so far (aarch64 and Raspberry Pi are later slices of issue #5)"
 TARGET=x86_64-unknown-linux-musl
-PARTS="${MACRESCUE_IMAGE_OUT:-$VM_OUT/image/$ARCH}"
-IMAGE="${MACRESCUE_IMAGE:-$VM_OUT/macrescue-$ARCH.img}"
+KIND="${MACRESCUE_IMAGE_KIND:-station}"
+case "$KIND" in
+    station) PARTS="${MACRESCUE_IMAGE_OUT:-$VM_OUT/image/$ARCH}"
+        IMAGE="${MACRESCUE_IMAGE:-$VM_OUT/macrescue-$ARCH.img}" ;;
+    reference) PARTS="${MACRESCUE_IMAGE_OUT:-$VM_OUT/image/reference-$ARCH}"
+        IMAGE="${MACRESCUE_IMAGE:-$VM_OUT/macrescue-reference-$ARCH.img}" ;;
+    *) die "MACRESCUE_IMAGE_KIND must be station or reference" ;;
+esac
 KDEST="$VM_OUT/image/kernel-$ARCH"
 # Until `restore-agent station` exists, the image runs the hotplug device list as its station.
 STATION="${MACRESCUE_STATION:-restore-agent devices --watch}"
@@ -79,11 +88,25 @@ STAGE="$(mktemp -d "${TMPDIR:-/tmp}/macrescue-image.XXXXXX")"
 trap 'rm -rf "$STAGE"' EXIT
 R="$STAGE/root"
 mkdir -p "$R"/{bin,sbin,dev,proc,sys,run,tmp,data,etc}
-install -m 0755 "$REL/macrescue-init" "$R/init"
-install -m 0755 "$REL/restore-agent" "$R/bin/restore-agent"
-# The kernel's request_module() runs /sbin/modprobe: the init answers under that name.
-ln -s ../init "$R/sbin/modprobe"
-if [[ "${MACRESCUE_IMAGE_SHELL:-1}" == 1 ]]; then
+if [[ "$KIND" == reference ]]; then
+    # The issue's yardstick: how fast the same kernel reaches a busybox shell from the stick.
+    install -m 0755 "$KDEST/busybox" "$R/bin/busybox"
+    ln -s busybox "$R/bin/sh"
+    cat >"$R/init" <<'REF'
+#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+read up _ </proc/uptime
+echo "MACRESCUE-REFERENCE: shell ready $up s after kernel start"
+/bin/busybox poweroff -f
+REF
+    chmod 0755 "$R/init"
+else
+    install -m 0755 "$REL/macrescue-init" "$R/init"
+    install -m 0755 "$REL/restore-agent" "$R/bin/restore-agent"
+    # The kernel's request_module() runs /sbin/modprobe: the init answers under that name.
+    ln -s ../init "$R/sbin/modprobe"
+fi
+if [[ "$KIND" == station && "${MACRESCUE_IMAGE_SHELL:-1}" == 1 ]]; then
     install -m 0755 "$KDEST/busybox" "$R/bin/busybox"
     # Only the applets a technician needs to look around; no busybox init or modprobe.
     for a in sh ls cat dmesg mount umount ps kill ip df free less vi cp mv rm mkdir sync \
@@ -91,7 +114,7 @@ if [[ "${MACRESCUE_IMAGE_SHELL:-1}" == 1 ]]; then
         ln -s busybox "$R/bin/$a"
     done
 fi
-cp -a "$KDEST/modules/lib" "$R/"
+[[ "$KIND" == reference ]] || cp -a "$KDEST/modules/lib" "$R/"
 cat >"$R/etc/os-release" <<OSR
 NAME="macrescue"
 ID=macrescue
@@ -110,6 +133,7 @@ mv "$INITRD.tmp" "$INITRD"
 # console=tty0 and ttyS0: the screen and a serial cable both get the station (init writes to
 # every console). panic=10: a station that crashes comes back by itself.
 CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10 macrescue.station=\"$STATION\""
+[[ "$KIND" == station ]] || CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10"
 printf '%s' "$CMDLINE" >"$STAGE/cmdline.txt"
 VMLINUZ="$KDEST/vmlinuz"
 align() { echo $(((($1) + 0xfff) & ~0xfff)); }

@@ -70,6 +70,26 @@ pub fn parse(line: &str) -> KernelCmdline {
     out
 }
 
+/// `module.param=value` words, as `(module, "param=value")` with the module name normalized:
+/// the kernel applies these only to built-in code, so for loadable modules the loader passes
+/// them at load time, as modprobe does.
+pub fn module_params(line: &str) -> Vec<(String, String)> {
+    split(line)
+        .into_iter()
+        .filter(|w| !w.starts_with(PREFIX))
+        .filter_map(|w| {
+            let (key, value) = w.split_once('=')?;
+            let (module, param) = key.split_once('.')?;
+            (!module.is_empty() && !param.is_empty()).then(|| {
+                (
+                    crate::modalias::normalize(module),
+                    format!("{param}={value}"),
+                )
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +127,20 @@ mod tests {
                 ),
                 ("debug".to_string(), "true".to_string()),
                 ("data_wait".to_string(), "20".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn module_parameters_for_the_loader() {
+        assert_eq!(
+            module_params(
+                "console=ttyS0 usb-storage.delay_use=0 macrescue.debug=1 .x=1 y.=2 \
+                 xhci_hcd.quirks=\"0x40\" rd.break"
+            ),
+            vec![
+                ("usb_storage".to_string(), "delay_use=0".to_string()),
+                ("xhci_hcd".to_string(), "quirks=0x40".to_string()),
             ]
         );
     }

@@ -9,6 +9,7 @@
 //! the kernel with `MODULE_INIT_COMPRESSED_FILE`, which only kernels ≥ 6.4 built with
 //! `MODULE_DECOMPRESS` accept; we do not decompress in user space.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,8 @@ pub struct Loader {
     dir: PathBuf,
     aliases: AliasTable,
     deps: ModDep,
+    /// `(module, "param=value")` from the kernel command line.
+    params: Vec<(String, String)>,
 }
 
 impl Loader {
@@ -60,7 +63,30 @@ impl Loader {
                 dir.display()
             );
         }
-        Self { dir, aliases, deps }
+        Self {
+            dir,
+            aliases,
+            deps,
+            params: Vec::new(),
+        }
+    }
+
+    /// Options to pass when loading modules (see [`crate::cmdline::module_params`]).
+    pub fn with_params(mut self, params: Vec<(String, String)>) -> Self {
+        self.params = params;
+        self
+    }
+
+    fn params_for(&self, module: &str) -> CString {
+        let joined = self
+            .params
+            .iter()
+            .filter(|(m, _)| m == module)
+            .map(|(_, p)| p.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        // The command line cannot contain NUL; if it somehow did, load without options.
+        CString::new(joined).unwrap_or_default()
     }
 
     /// Load the modules for a modalias. Returns how many modules matched.
@@ -106,7 +132,7 @@ impl Loader {
             } else {
                 ModuleInitFlags::empty()
             };
-            match finit_module(&file, c"", flags) {
+            match finit_module(&file, &self.params_for(&module), flags) {
                 Ok(()) => info!("loaded module {module}"),
                 // Another thread or the kernel's request_module() got there first.
                 Err(Errno::EEXIST) => debug!("module {module} already loaded"),
@@ -122,7 +148,17 @@ impl Loader {
         collect_modaliases(sys_devices, &mut aliases, 0);
         aliases.sort();
         aliases.dedup();
-        aliases.iter().map(|a| self.load_alias(a)).sum()
+        // One thread per device: module init (a host controller starting its ports) is slow
+        // under emulation and on real hardware, and independent drivers need not wait for each
+        // other. The kernel serialises what must be: a shared dependency loads once, and a
+        // module whose dependency is still initialising waits for it.
+        std::thread::scope(|s| {
+            let handles: Vec<_> = aliases
+                .iter()
+                .map(|a| s.spawn(move || self.load_alias(a)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        })
     }
 }
 

@@ -51,7 +51,9 @@ fn modprobe_helper(args: Vec<String>) -> i32 {
     let quiet = args.iter().any(|a| a == "-q" || a == "--quiet");
     let names: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let loader = Loader::open(Path::new("/"), release.trim());
+    let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let loader =
+        Loader::open(Path::new("/"), release.trim()).with_params(cmdline::module_params(&line));
     let mut rc = 0;
     for name in names {
         if let Err(e) = loader.load_name_or_alias(name) {
@@ -129,7 +131,9 @@ fn run() -> anyhow::Result<()> {
 
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = std::fs::write("/proc/sys/kernel/modprobe", "/sbin/modprobe");
-    let loader = Arc::new(Loader::open(Path::new("/"), release.trim()));
+    let loader = Arc::new(
+        Loader::open(Path::new("/"), release.trim()).with_params(cmdline::module_params(&line)),
+    );
     match UeventSocket::open() {
         Ok(sock) => {
             if let Err(e) = sock.spawn(loader.clone()) {

@@ -43,7 +43,7 @@ impl Default for Settings {
             data_label: Some("MACRESCUE".to_string()),
             data_wait: Duration::from_secs(10),
             restart_max: Duration::from_secs(30),
-            ready_after: Duration::from_secs(1),
+            ready_after: Duration::from_millis(250),
             modules: Vec::new(),
             debug: false,
         }
@@ -215,7 +215,7 @@ mod tests {
         assert_eq!(s, Settings::default());
         s.apply("data", "off").unwrap();
         assert_eq!(s.data_label, None);
-        s.apply("ready_after", "250").unwrap();
-        assert_eq!(s.ready_after, Duration::from_millis(250));
+        s.apply("ready_after", "1500").unwrap();
+        assert_eq!(s.ready_after, Duration::from_millis(1500));
     }
 }
