@@ -19,6 +19,7 @@
 #        MACRESCUE_IMAGE          image path (default out/macrescue-ARCH.img)
 #        MACRESCUE_STATION        station command baked into the kernel command line
 #        MACRESCUE_IMAGE_SHELL=0  leave busybox (the emergency shell) out
+#        MACRESCUE_KERNEL_ARGS    extra kernel command-line words (e.g. usb-storage.delay_use=0)
 #        MACRESCUE_DATA_MIB       size of the data partition (default 64; grown on first boot
 #                                 in a later slice)
 #        MACRESCUE_SKIP_BUILD=1   use the binaries already built
@@ -134,6 +135,7 @@ mv "$INITRD.tmp" "$INITRD"
 # every console). panic=10: a station that crashes comes back by itself.
 CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10 macrescue.station=\"$STATION\""
 [[ "$KIND" == station ]] || CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10"
+CMDLINE+="${MACRESCUE_KERNEL_ARGS:+ $MACRESCUE_KERNEL_ARGS}"
 printf '%s' "$CMDLINE" >"$STAGE/cmdline.txt"
 VMLINUZ="$KDEST/vmlinuz"
 align() { echo $(((($1) + 0xfff) & ~0xfff)); }

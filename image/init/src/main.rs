@@ -97,9 +97,10 @@ fn run() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     info!(
-        "macrescue-init {} on consoles {:?}",
+        "macrescue-init {} on consoles {:?}, {:.2} s after kernel start",
         env!("CARGO_PKG_VERSION"),
-        consoles.names()
+        consoles.names(),
+        uptime()
     );
     for e in setting_errors {
         warn!("kernel command line: {e}");
