@@ -9,7 +9,7 @@ use nix::sys::socket::{
     bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
     SockProtocol, SockType,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::kmod::Loader;
 use crate::uevent::Uevent;
@@ -47,8 +47,9 @@ impl UeventSocket {
                         Ok(n) => match Uevent::parse(&buf[..n]) {
                             Ok(ev) => {
                                 if let Some(alias) = ev.modalias_to_load() {
-                                    debug!("hotplug {} {}", ev.action, ev.devpath);
-                                    loader.load_alias(alias);
+                                    if loader.load_alias(alias) > 0 {
+                                        info!("hotplug: drivers for {} ({alias})", ev.devpath);
+                                    }
                                 }
                             }
                             Err(e) => debug!("{e}"),
