@@ -54,6 +54,8 @@ impl Default for Settings {
 pub enum SettingError {
     #[error("unknown setting {0:?}; it is ignored (known: station, shell, data, data_wait, restart_max, ready_after, modules, debug)")]
     Unknown(String),
+    #[error("setting {0} only works on the kernel command line (macrescue.{0}=…): the config file is read after the data partition is mounted")]
+    CommandLineOnly(String),
     #[error("setting {key}: {value:?} is not valid ({expected}); the default is kept")]
     Invalid {
         key: String,
@@ -138,7 +140,10 @@ impl Settings {
         entries
             .iter()
             .filter_map(|e| Some((e.key.strip_prefix("init.")?, e.value.as_str())))
-            .filter_map(|(key, value)| self.apply(key, value).err())
+            .filter_map(|(key, value)| match key {
+                "data" | "data_wait" => Some(SettingError::CommandLineOnly(key.to_string())),
+                _ => self.apply(key, value).err(),
+            })
             .collect()
     }
 }
@@ -184,7 +189,7 @@ mod tests {
 
         let (entries, errs) = config::parse(
             "proxy = \"x\"\n[init]\nstation = \"restore-agent station\"\nshell = \"/dev/tty3\"\n\
-             restart_max = 0\nbogus = 1\n",
+             restart_max = 0\nbogus = 1\ndata_wait = 99\n",
         );
         assert!(errs.is_empty());
         let errors = s.apply_config(&entries);
@@ -200,8 +205,10 @@ mod tests {
                     expected: "seconds, at least 1"
                 },
                 SettingError::Unknown("bogus".into()),
+                SettingError::CommandLineOnly("data_wait".into()),
             ]
         );
+        assert_eq!(s.data_wait, Duration::from_secs(3));
     }
 
     #[test]
