@@ -69,6 +69,24 @@ impl HttpConfig {
     }
 }
 
+/// reqwest's top-level message hides the cause (refused, DNS, TLS); walk the chain.
+pub fn describe_error(e: &reqwest::Error) -> String {
+    let mut text = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "could not connect".to_string()
+    } else {
+        e.to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn read_ca(path: &PathBuf) -> Result<Vec<reqwest::Certificate>, HttpError> {
     let err = |reason: String| HttpError::Ca {
         path: path.clone(),

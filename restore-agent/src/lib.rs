@@ -5,15 +5,21 @@
 //! they never touch USB themselves. Only `usb::rusb_edge` talks to libusb, and only
 //! `bootchain::driver` executes plans against a [`usb::UsbTransport`].
 
+pub mod asr;
 pub mod bootchain;
 pub mod catalog;
+pub mod catalog_fetch;
 pub mod dfu;
 pub mod http;
 pub mod identity;
 pub mod img4;
 pub mod ipsw;
 pub mod manifest;
+pub mod personalize;
 pub mod recovery;
+pub mod restored;
+pub mod reverse_proxy;
 pub mod tss;
+pub mod tss_client;
 pub mod usb;
 pub mod usbmux;

@@ -3,6 +3,8 @@
 
 mod cmd;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -27,15 +29,30 @@ enum Command {
     Identify(cmd::identify::Args),
     /// Walk a Mac from DFU through iBSS and iBEC to `bootx`, using already-personalized images.
     Bootchain(cmd::bootchain::Args),
+    /// Show what a restore would do: identity, components per stage, the main TSS request.
+    Plan(cmd::plan::Args),
+    /// List the macOS builds offered for a model, newest first (optionally: signed or not).
+    Firmwares(cmd::firmwares::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    match cli.command {
+    let result = match cli.command {
         Command::Devices(a) => cmd::devices::run(a),
         Command::Identify(a) => cmd::identify::run(a),
         Command::Bootchain(a) => cmd::bootchain::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
+        Command::Firmwares(a) => cmd::firmwares::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line, never a backtrace: a technician reads this, and
+            // RUST_BACKTRACE left set in a shell must not bury the message.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -51,5 +68,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: serial consoles and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -2,4 +2,6 @@
 
 pub mod bootchain;
 pub mod devices;
+pub mod firmwares;
 pub mod identify;
+pub mod plan;

@@ -2,9 +2,11 @@
 //! [`RandomAccess`] source, so the same code serves a local file and, later, a remote one.
 
 mod random_access;
+pub mod remote;
 pub mod zip;
 
 pub use random_access::{LocalFile, RandomAccess};
+pub use remote::{RemoteConfig, RemoteError, RemoteFile, RemoteStats};
 pub use zip::{EntryReader, Method, StoredEntry, ZipArchive, ZipEntry, ZipError};
 
 /// The IPSW entry listing build identities and component paths (§9.5, §9.6).

@@ -156,6 +156,16 @@ pub trait UsbTransport: Send {
     /// USB port reset. The device may vanish as a result; that is reported as `Ok` or
     /// `Disconnected`, never as a hang.
     fn reset(&mut self) -> Result<(), TransportError>;
+
+    /// A second handle on the same opened device for bulk transfers on another thread, so one
+    /// thread can block in `bulk_in` while another sends `bulk_out` (usbmux streams the system
+    /// image out while it waits for the Mac's ACKs). Control requests, configuration and
+    /// claiming stay with the original handle. `None` (the default) when the implementation
+    /// cannot share the device; callers then take turns on the one handle, which costs
+    /// throughput but not correctness.
+    fn bulk_handle(&self) -> Option<Box<dyn UsbTransport>> {
+        None
+    }
 }
 
 /// A source of USB devices and hotplug events.

@@ -20,6 +20,7 @@
 //! restores).
 
 mod conn;
+pub mod edge;
 mod mux;
 pub mod rx;
 pub mod wire;

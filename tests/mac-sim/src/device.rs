@@ -9,6 +9,7 @@ use crate::descriptors::{Descriptors, Identity, UsbMode, EP_RECOVERY_CONSOLE_IN,
 use crate::dfu::{DfuConfig, DfuMachine, DfuState};
 use crate::faults::{Faults, Stage, StartMode};
 use crate::iboot::{Iboot, IbootEvent, IbootStage};
+use crate::restore::RestoreOs;
 use crate::wire::{Enumeration, LinkChange, Reply, Setup, SimDevice};
 
 /// ROM version shown in `SRTG` (an M1-era SecureROM tag).
@@ -55,6 +56,8 @@ pub trait BootStage: Send {
     fn bulk_out(&mut self, endpoint: u8, data: &[u8]) -> (Reply, Option<IbootEvent>);
     fn bulk_in(&mut self, endpoint: u8, max_len: usize) -> Reply;
     fn env(&self, name: &str) -> Option<String>;
+    /// The ApNonce of this boot, for checking tickets' `BNCH` (stages that check nothing ignore it).
+    fn set_ap_nonce(&mut self, _nonce: &[u8]) {}
 }
 
 impl BootStage for Iboot {
@@ -69,6 +72,9 @@ impl BootStage for Iboot {
     }
     fn env(&self, name: &str) -> Option<String> {
         Iboot::env(self, name).map(str::to_string)
+    }
+    fn set_ap_nonce(&mut self, nonce: &[u8]) {
+        Iboot::set_ap_nonce(self, nonce)
     }
 }
 
@@ -91,9 +97,16 @@ fn iboot_factory() -> StageFactory {
 enum Firmware {
     Dfu(DfuMachine),
     PortDfu(DfuMachine),
-    Iboot { stage: u8, fw: Box<dyn BootStage> },
-    Restore,
+    Iboot {
+        stage: u8,
+        fw: Box<dyn BootStage>,
+    },
+    /// The restore OS; None when no scenario was configured (bulk IN only NAKs).
+    Restore(Option<RestoreOs>),
 }
+
+/// Boots the restore OS (usbmux + restored scenario) each time the Mac reaches restore mode.
+pub type RestoreFactory = Box<dyn FnMut(&Board, &Identity) -> RestoreOs + Send>;
 
 /// Where the Mac goes at its next boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +146,10 @@ pub struct SimMac {
     stage_touched: bool,
     boots: u64,
     port_nonce: [u8; 32],
-    ibss_check: ImageCheck,
+    /// None: the ROM's own check, bound to this unit's ECID and current ApNonce.
+    ibss_check: Option<ImageCheck>,
     stage_factory: StageFactory,
+    restore_factory: Option<RestoreFactory>,
 }
 
 /// splitmix64: deterministic per ECID and boot, so tests can predict nonces.
@@ -195,7 +210,7 @@ impl SimMac {
             identity,
             faults,
             timing,
-            firmware: Firmware::Restore,
+            firmware: Firmware::Restore(None),
             link: Link::Attached,
             pending: None,
             manifest_seen: None,
@@ -205,8 +220,9 @@ impl SimMac {
             stage_touched: false,
             boots: 0,
             port_nonce,
-            ibss_check: Box::new(crate::images::validate_ibss),
+            ibss_check: None,
             stage_factory: iboot_factory(),
+            restore_factory: None,
         };
         mac.enter(mode);
         mac
@@ -214,7 +230,7 @@ impl SimMac {
 
     /// Replace the iBSS check (tests that do not build real IMG4 files).
     pub fn with_ibss_check(mut self, check: ImageCheck) -> Self {
-        self.ibss_check = check;
+        self.ibss_check = Some(check);
         self
     }
 
@@ -223,12 +239,34 @@ impl SimMac {
     pub fn with_stage_factory(mut self, factory: StageFactory) -> Self {
         self.stage_factory = factory;
         if let Firmware::Iboot { stage, .. } = self.firmware {
-            self.firmware = Firmware::Iboot {
-                stage,
-                fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
-            };
+            let mut fw = (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults);
+            fw.set_ap_nonce(&self.identity.ap_nonce);
+            self.firmware = Firmware::Iboot { stage, fw };
         }
         self
+    }
+
+    /// Run a restore OS (see [`crate::restore`]) whenever the Mac boots into restore mode.
+    pub fn with_restore(mut self, factory: RestoreFactory) -> Self {
+        self.restore_factory = Some(factory);
+        if let Firmware::Restore(None) = self.firmware {
+            if self.descriptors.mode == UsbMode::Restore {
+                self.firmware = Firmware::Restore(
+                    self.restore_factory
+                        .as_mut()
+                        .map(|f| f(&self.board, &self.identity)),
+                );
+            }
+        }
+        self
+    }
+
+    /// The running restore OS, in restore mode.
+    pub fn restore_os(&self) -> Option<&RestoreOs> {
+        match &self.firmware {
+            Firmware::Restore(os) => os.as_ref(),
+            _ => None,
+        }
     }
 
     pub fn board(&self) -> &Board {
@@ -280,11 +318,17 @@ impl SimMac {
                 self.faults.verify_crc,
             ))),
             UsbMode::PortDfu => Firmware::PortDfu(DfuMachine::new(DfuConfig::port_dfu())),
-            UsbMode::Recovery(stage) => Firmware::Iboot {
-                stage,
-                fw: (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults),
-            },
-            UsbMode::Restore => Firmware::Restore,
+            UsbMode::Recovery(stage) => {
+                let mut fw =
+                    (self.stage_factory)(stage, &self.board, self.identity.ecid, &self.faults);
+                fw.set_ap_nonce(&self.identity.ap_nonce);
+                Firmware::Iboot { stage, fw }
+            }
+            UsbMode::Restore => Firmware::Restore(
+                self.restore_factory
+                    .as_mut()
+                    .map(|f| f(&self.board, &self.identity)),
+            ),
         };
         let mut shown = self.identity.clone();
         if mode == UsbMode::PortDfu {
@@ -317,7 +361,7 @@ impl SimMac {
             Firmware::Iboot { .. } => Stage::Stage2,
             // Reaching restore mode is past every fault stage but AfterBootx, which fires
             // on `bootx` itself.
-            Firmware::Restore => Stage::AfterBootx,
+            Firmware::Restore(_) => Stage::AfterBootx,
         }
     }
 
@@ -478,12 +522,15 @@ impl SimDevice for SimMac {
         let board = &self.board;
         let refuse = self.faults.refuse_ibss;
         let check = &self.ibss_check;
+        let (ecid, nonce) = (self.identity.ecid, self.identity.ap_nonce);
         match &mut self.firmware {
             Firmware::Dfu(m) => m.control(setup, data_out, |image| {
                 if refuse {
                     Err("fault: the ROM refuses every iBSS".into())
-                } else {
+                } else if let Some(check) = check {
                     check(image, board)
+                } else {
+                    crate::images::validate_ibss_for(image, board, Some(ecid), Some(&nonce))
                 }
             }),
             // The port controller takes any non-empty firmware (its format is not simulated).
@@ -495,7 +542,7 @@ impl SimDevice for SimMac {
                 }
                 reply
             }
-            Firmware::Restore => Reply::Stall,
+            Firmware::Restore(_) => Reply::Stall,
         }
     }
 
@@ -505,10 +552,17 @@ impl SimDevice for SimMac {
         }
         let ok_ep = match &self.firmware {
             Firmware::Iboot { .. } => endpoint == EP_RECOVERY_OUT,
+            Firmware::Restore(_) => endpoint == crate::descriptors::EP_MUX_OUT,
             _ => false,
         };
         if !ok_ep || self.configuration != 1 {
             return Reply::Stall;
+        }
+        if let Firmware::Restore(os) = &mut self.firmware {
+            return match os {
+                Some(os) => os.bulk_out(data),
+                None => Reply::Stall,
+            };
         }
         if self.fault_disconnects(data.len()) {
             return Reply::Stall;
@@ -529,8 +583,12 @@ impl SimDevice for SimMac {
         }
         match &self.firmware {
             Firmware::Iboot { .. } if endpoint == EP_RECOVERY_CONSOLE_IN => {}
-            // Restore-mode usbmux traffic is a later issue: nothing to say yet.
-            Firmware::Restore if endpoint == crate::descriptors::EP_MUX_IN => return Reply::Nak,
+            Firmware::Restore(os) if endpoint == crate::descriptors::EP_MUX_IN => {
+                return match os {
+                    Some(os) => os.bulk_in(max_len),
+                    None => Reply::Nak,
+                };
+            }
             _ => return Reply::Stall,
         }
         if self.fault_disconnects(0) {
@@ -580,6 +638,12 @@ impl SimDevice for SimMac {
                 Some(LinkChange::Attach)
             }
             Link::Attached => {
+                if let Firmware::Restore(Some(os)) = &self.firmware {
+                    if os.gone() && self.pending.is_none() {
+                        tracing::info!("fault: Mac drops off the bus in restore mode");
+                        self.pending = Some(Next::Gone);
+                    }
+                }
                 if self.pending.is_none() {
                     let manifested = match &self.firmware {
                         Firmware::Dfu(m) | Firmware::PortDfu(m) => m.accepted_image().is_some(),
@@ -665,6 +729,72 @@ mod tests {
         let m = mac(StartMode::Dfu, f);
         assert_eq!(m.mode(), UsbMode::Recovery(1));
         assert_eq!(m.env("boot-stage").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn restore_mode_forwards_the_mux_endpoints_to_the_restore_os() {
+        use crate::restore::scenario::Scenario;
+        use crate::restore::{RestoreConfig, RestoreOs};
+        let latest = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let cfg = RestoreConfig {
+            timeout: Duration::from_millis(200),
+            ..RestoreConfig::default()
+        };
+        let scenario = Scenario::shipped("mac-revive").unwrap();
+        let mut m = mac(StartMode::Recovery, Faults::default()).with_restore(RestoreOs::factory(
+            scenario,
+            cfg,
+            latest.clone(),
+        ));
+        m.pending = Some(Next::Mode(UsbMode::Restore));
+        let t0 = Instant::now();
+        assert_eq!(m.poll_link(t0), Some(LinkChange::Detach));
+        assert_eq!(
+            m.poll_link(t0 + Duration::from_millis(100)),
+            Some(LinkChange::Attach)
+        );
+        assert_eq!(m.mode(), UsbMode::Restore);
+        let set_config = Setup {
+            request_type: 0,
+            request: 9,
+            value: 1,
+            index: 0,
+            length: 0,
+        };
+        assert_eq!(m.control(&set_config, &[]), Reply::Ack(vec![]));
+        let ep_in = crate::descriptors::EP_MUX_IN;
+        let ep_out = crate::descriptors::EP_MUX_OUT;
+        assert_eq!(m.bulk_in(ep_in, 16384), Reply::Nak);
+        let version = [0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(m.bulk_out(ep_out, &version), Reply::Ack(vec![]));
+        assert_eq!(m.bulk_in(ep_in, 16384), Reply::Ack(version.to_vec()));
+        assert!(m.restore_os().is_some());
+        let handle = latest.lock().unwrap().clone().unwrap();
+        assert_eq!(handle.stats().packets_in, 1);
+        // Leaving restore mode ends the scenario thread instead of leaving it waiting.
+        m.pending = Some(Next::Mode(UsbMode::Recovery(1)));
+        let t1 = Instant::now();
+        m.poll_link(t1);
+        m.poll_link(t1 + Duration::from_millis(100));
+        assert!(matches!(
+            handle.wait(Duration::from_secs(2)),
+            crate::restore::restored::Outcome::Broken(_)
+        ));
+    }
+
+    #[test]
+    fn restore_mode_without_a_scenario_only_naks() {
+        let mut m = mac(StartMode::Recovery, Faults::default());
+        m.pending = Some(Next::Mode(UsbMode::Restore));
+        let t0 = Instant::now();
+        m.poll_link(t0);
+        m.poll_link(t0 + Duration::from_millis(100));
+        m.configuration = 1;
+        assert_eq!(m.bulk_in(crate::descriptors::EP_MUX_IN, 512), Reply::Nak);
+        assert_eq!(
+            m.bulk_out(crate::descriptors::EP_MUX_OUT, &[0; 20]),
+            Reply::Stall
+        );
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct Iboot {
     board: Board,
     faults: Faults,
     ecid: Option<u64>,
+    /// This boot's ApNonce: tickets carrying `BNCH` must match it.
+    ap_nonce: Option<Vec<u8>>,
     env: BTreeMap<String, String>,
     non_persistent: HashSet<String>,
     saved_env: BTreeMap<String, String>,
@@ -139,6 +141,7 @@ impl Iboot {
             board: board.clone(),
             faults: faults.clone(),
             ecid: None,
+            ap_nonce: None,
             env,
             non_persistent: HashSet::new(),
             saved_env,
@@ -158,6 +161,11 @@ impl Iboot {
     }
 
     /// Also require tickets to name this ECID (tickets with ECID 0 stay valid for any unit).
+    /// Check tickets' `BNCH` against this nonce (the Mac's current ApNonce).
+    pub fn set_ap_nonce(&mut self, nonce: &[u8]) {
+        self.ap_nonce = Some(nonce.to_vec());
+    }
+
     pub fn with_ecid(mut self, ecid: u64) -> Iboot {
         self.ecid = Some(ecid);
         self
@@ -470,7 +478,13 @@ impl Iboot {
                 self.buffer.len()
             )),
             Upload::Broken(why) => Err(why.clone()),
-            Upload::Complete => images::verify_image(&self.buffer, &self.board, self.ecid, expected)
+            Upload::Complete => images::verify_image_with_nonce(
+                &self.buffer,
+                &self.board,
+                self.ecid,
+                self.ap_nonce.as_deref(),
+                expected,
+            )
                 .map_err(|e: ImageError| e.to_string()),
         }
     }

@@ -3,9 +3,10 @@
 //! personalized test images (`write_bootchain`).
 //!
 //! Simulator conventions (not Apple's):
-//! * tickets are unsigned (see [`crate::img4::TicketSpec`]) and carry the `SIMS` marker; iBoot
-//!   refuses tickets without it because it cannot verify Apple's signatures;
+//! * tickets are signed with the simulator's test key, not Apple's (see [`crate::ticket`]); the
+//!   simulated ROM and iBoot trust only that key, so real Apple-signed images are refused;
 //! * a ticket `ECID` of 0 means "any ECID", so generated images work for any simulated unit;
+//!   generated boot chains carry no `BNCH`, so they work whatever the Mac's nonce;
 //! * components whose 4CC neither the manifest nor the §5.7 table states get a synthetic 4CC
 //!   (`z` + three letters derived from the name), see [`fourcc_for`].
 
@@ -15,6 +16,7 @@ use sha2::{Digest, Sha256, Sha384};
 
 use crate::board::{Board, Component};
 use crate::img4::{self, FourCc, Img4};
+use crate::ticket::{self, TicketError};
 
 /// Ticket ECID meaning "valid on any unit" (simulator convention).
 pub const ECID_ANY: u64 = 0;
@@ -236,20 +238,8 @@ pub enum ImageError {
     NoTicket,
     #[error("image type is '{found}', expected {expected}")]
     WrongType { found: FourCc, expected: String },
-    #[error(
-        "ticket is for {what} {found:#x}, this Mac has {want:#x}: personalized for another Mac"
-    )]
-    WrongDevice {
-        what: &'static str,
-        found: u64,
-        want: u64,
-    },
-    #[error("ticket lacks {0}")]
-    MissingProperty(&'static str),
-    #[error("ticket has no simulated-signature marker (SIMS): the simulator cannot verify real Apple signatures")]
-    NotSimulated,
-    #[error("ticket signature does not match its contents: the ticket is corrupt")]
-    BadSignature,
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
     #[error("ticket has no entry for '{0}': the image is not covered by this ticket")]
     NotInTicket(FourCc),
     #[error("digest of the '{0}' payload does not match the ticket: wrong or altered image")]
@@ -264,12 +254,25 @@ pub struct VerifiedImage {
 }
 
 /// Check an uploaded image the way the simulated boot ROM / iBoot does: well-formed IMG4, a
-/// simulated ticket for this chip, board and security domain (and `ecid`, unless the ticket
-/// says "any"), a type among `expected` (empty = any) and a digest matching the ticket.
+/// ticket signed by the test key for this chip, board and security domain (and `ecid`, unless
+/// the ticket says "any"), a type among `expected` (empty = any) and a digest matching the
+/// ticket. The ticket's `BNCH` is not checked here (see [`verify_image_with_nonce`]).
 pub fn verify_image(
     data: &[u8],
     board: &Board,
     ecid: Option<u64>,
+    expected: &[FourCc],
+) -> Result<VerifiedImage, ImageError> {
+    verify_image_with_nonce(data, board, ecid, None, expected)
+}
+
+/// [`verify_image`], and when `ap_nonce` is given and the ticket carries `BNCH`, the two must
+/// be equal (a ticket issued for an earlier nonce is refused).
+pub fn verify_image_with_nonce(
+    data: &[u8],
+    board: &Board,
+    ecid: Option<u64>,
+    ap_nonce: Option<&[u8]>,
     expected: &[FourCc],
 ) -> Result<VerifiedImage, ImageError> {
     let img = Img4::parse(data)?;
@@ -282,38 +285,16 @@ pub fn verify_image(
         });
     }
     let m = img.im4m.as_ref().ok_or(ImageError::NoTicket)?;
-    let want = |name: &'static str, want: u64| -> Result<(), ImageError> {
-        let found = m.manp_uint(name).ok_or(ImageError::MissingProperty(name))?;
-        if found != want {
-            return Err(ImageError::WrongDevice {
-                what: name,
-                found,
-                want,
-            });
-        }
-        Ok(())
-    };
-    want("CHIP", u64::from(board.cpid))?;
-    want("BORD", u64::from(board.bdid))?;
-    want("SDOM", u64::from(board.security_domain))?;
-    let ticket_ecid = m
-        .manp_uint("ECID")
-        .ok_or(ImageError::MissingProperty("ECID"))?;
-    if let Some(e) = ecid {
-        if ticket_ecid != ECID_ANY && ticket_ecid != e {
-            return Err(ImageError::WrongDevice {
-                what: "ECID",
-                found: ticket_ecid,
-                want: e,
-            });
-        }
-    }
-    if m.manp_data("SIMS") != Some(img4::SIMULATED_MARKER) {
-        return Err(ImageError::NotSimulated);
-    }
-    if m.signature != Some(&img4::simulated_signature(m.signed_set)[..]) {
-        return Err(ImageError::BadSignature);
-    }
+    ticket::check(
+        m,
+        &ticket::Expect {
+            chip: board.cpid,
+            board: board.bdid,
+            security_domain: board.security_domain,
+            ecid,
+            ap_nonce,
+        },
+    )?;
     let dgst = m.digest_of(fourcc).ok_or(ImageError::NotInTicket(fourcc))?;
     if dgst != img.im4p.digest() {
         return Err(ImageError::DigestMismatch(fourcc));
@@ -334,11 +315,22 @@ const DFU_SUFFIX_FIXED: [u8; 12] = [
 /// ROM apparently does not check it either (§2.3: idevicerestore and pymobiledevice3 compute
 /// different values and both work).
 pub fn validate_ibss(data: &[u8], board: &Board) -> Result<(), String> {
+    validate_ibss_for(data, board, None, None)
+}
+
+/// [`validate_ibss`] bound to one unit: the ticket must be for `ecid` (or any) and, when it
+/// carries `BNCH`, for the nonce the ROM currently shows.
+pub fn validate_ibss_for(
+    data: &[u8],
+    board: &Board,
+    ecid: Option<u64>,
+    ap_nonce: Option<&[u8]>,
+) -> Result<(), String> {
     let image = match data.len().checked_sub(16) {
         Some(n) if data[n..n + 12] == DFU_SUFFIX_FIXED => &data[..n],
         _ => data,
     };
-    verify_image(image, board, None, &[FourCc(*b"ibss")])
+    verify_image_with_nonce(image, board, ecid, ap_nonce, &[FourCc(*b"ibss")])
         .map(|_| ())
         .map_err(|e| format!("iBSS rejected: {e}"))
 }
@@ -377,14 +369,8 @@ fn payload_len(name: &str) -> usize {
 /// All share one main ticket; `Ap,LocalPolicy` has its own ticket, as with a real TSS (§5.3).
 pub fn bootchain_images(board: &Board, ecid: u64) -> Vec<(String, Vec<u8>)> {
     let names = bootchain_names(board);
-    let spec = |digests| img4::TicketSpec {
-        chip: board.cpid,
-        board: board.bdid,
-        ecid,
-        security_domain: board.security_domain,
-        production: true,
-        security: true,
-        digests,
+    let spec = |digests| {
+        ticket::TicketSpec::simple(board.cpid, board.bdid, ecid, board.security_domain, digests)
     };
     let fourcc_of = |name: &str| match board.component(name) {
         Some(c) => component_fourcc(c),
@@ -403,7 +389,7 @@ pub fn bootchain_images(board: &Board, ecid: u64) -> Vec<(String, Vec<u8>)> {
         .map(|n| (n.clone(), build_im4p(n, payload_len(n))))
         .collect();
     let ticket_for = |im4ps: &[(String, Vec<u8>)]| {
-        img4::build_im4m(&spec(
+        ticket::sign_im4m(&spec(
             im4ps
                 .iter()
                 .map(|(name, p)| (fourcc_of(name), Sha384::digest(p).to_vec()))
@@ -444,7 +430,7 @@ pub fn bootchain_images(board: &Board, ecid: u64) -> Vec<(String, Vec<u8>)> {
     for name in &names {
         if name == LOCAL_POLICY {
             let digest = Sha384::digest(LPOL_IM4P).to_vec();
-            let ticket = img4::build_im4m(&spec(vec![(FourCc(*b"lpol"), digest)]));
+            let ticket = ticket::sign_im4m(&spec(vec![(FourCc(*b"lpol"), digest)]));
             out.push((name.clone(), img4::stitch(&LPOL_IM4P, &ticket, None)));
         } else if let Some((_, p)) = im4ps.iter().find(|(n, _)| n == name) {
             out.push((name.clone(), img4::stitch(p, &main_ticket, None)));
@@ -597,11 +583,17 @@ mod tests {
         let ibss = &imgs[0].1;
         assert!(matches!(
             verify_image(ibss, &other, None, &[]),
-            Err(ImageError::WrongDevice { what: "CHIP", .. })
+            Err(ImageError::Ticket(TicketError::WrongDevice {
+                what: "CHIP",
+                ..
+            }))
         ));
         assert!(matches!(
             verify_image(ibss, &b, Some(0x43), &[]),
-            Err(ImageError::WrongDevice { what: "ECID", .. })
+            Err(ImageError::Ticket(TicketError::WrongDevice {
+                what: "ECID",
+                ..
+            }))
         ));
         assert!(verify_image(ibss, &b, Some(0x42), &[]).is_ok());
         let e = validate_ibss(&imgs[1].1, &b).unwrap_err();
@@ -624,14 +616,11 @@ mod tests {
         let real =
             std::fs::read(crate::board::shared_dir().join("fixtures/tss/PyIMG4-IMG4-test.der"))
                 .unwrap();
-        assert!(matches!(
+        // The Mac trusts only the test key, so Apple's signature is refused first.
+        assert_eq!(
             verify_image(&real, &b, None, &[]),
-            Err(ImageError::WrongDevice {
-                what: "CHIP",
-                found: 0x8015,
-                ..
-            })
-        ));
+            Err(ImageError::Ticket(TicketError::BadSignature))
+        );
     }
 
     #[test]

@@ -729,12 +729,25 @@ pub fn build_im4p(fourcc: FourCc, description: &str, payload: &[u8]) -> Vec<u8> 
     encode(Tag::SEQUENCE, &c)
 }
 
-/// Marker the simulator puts in MANP so a simulated ticket cannot be mistaken for Apple's.
-pub const SIMULATED_MARKER: &[u8] = b"mac-sim simulated ticket: not signed by Apple";
+/// `SEQUENCE { "IM4M", INTEGER 0, SET { MANB { SET manb } }, OCTET STRING sign(SET), certificates }`.
+/// `sign` gets the DER of the `SET { MANB }` element (what a signature covers, see
+/// [`Im4m::signed_set`]); `certificates` is appended raw (nothing when empty).
+pub fn build_im4m_with(
+    manb: Vec<(FourCc, PropValue)>,
+    sign: impl FnOnce(&[u8]) -> Vec<u8>,
+    certificates: &[u8],
+) -> Vec<u8> {
+    let set = encode_set(&[(FourCc(*b"MANB"), PropValue::Set(manb))]);
+    let mut c = encode(Tag::IA5_STRING, b"IM4M");
+    c.extend(encode_uint(0));
+    c.extend_from_slice(&set);
+    c.extend(encode(Tag::OCTET_STRING, &sign(&set)));
+    c.extend_from_slice(certificates);
+    encode(Tag::SEQUENCE, &c)
+}
 
-/// What a simulated ticket personalizes. Unsigned: instead of an RSA signature, the signature
-/// slot holds SHA-384 of the signed SET, which catches corruption but proves nothing; a later
-/// change can replace it with a real signature by a test key (the `SIMS` marker says which).
+/// A ticket in its simplest form: every component gets `EPRO`/`ESEC` = production/security, no
+/// nonce. [`crate::ticket::TicketSpec`] is the full form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TicketSpec {
     pub chip: u32,
@@ -748,44 +761,23 @@ pub struct TicketSpec {
     pub digests: Vec<(FourCc, Vec<u8>)>,
 }
 
-/// Build a simulated IM4M.
+/// An IM4M signed with the simulator's test key, which the simulated Mac trusts (see
+/// [`crate::ticket`] for the layout and key).
 pub fn build_im4m(t: &TicketSpec) -> Vec<u8> {
-    let cc = |s: &[u8; 4]| FourCc(*s);
-    let manp = PropValue::Set(vec![
-        (cc(b"BORD"), PropValue::Integer(u64::from(t.board))),
-        (cc(b"CEPO"), PropValue::Integer(0)),
-        (cc(b"CHIP"), PropValue::Integer(u64::from(t.chip))),
-        (cc(b"CPRO"), PropValue::Boolean(t.production)),
-        (cc(b"CSEC"), PropValue::Boolean(t.security)),
-        (cc(b"ECID"), PropValue::Integer(t.ecid)),
-        (
-            cc(b"SDOM"),
-            PropValue::Integer(u64::from(t.security_domain)),
-        ),
-        (cc(b"SIMS"), PropValue::Data(SIMULATED_MARKER.to_vec())),
-    ]);
-    let mut manb = vec![(cc(b"MANP"), manp)];
-    for (fourcc, digest) in &t.digests {
-        manb.push((
-            *fourcc,
-            PropValue::Set(vec![
-                (cc(b"DGST"), PropValue::Data(digest.clone())),
-                (cc(b"EPRO"), PropValue::Boolean(t.production)),
-                (cc(b"ESEC"), PropValue::Boolean(t.security)),
-            ]),
-        ));
+    let mut spec = crate::ticket::TicketSpec::simple(
+        t.chip,
+        t.board,
+        t.ecid,
+        t.security_domain,
+        t.digests.clone(),
+    );
+    spec.production = t.production;
+    spec.security = t.security;
+    for c in &mut spec.components {
+        c.epro = t.production;
+        c.esec = t.security;
     }
-    let set = encode_set(&[(cc(b"MANB"), PropValue::Set(manb))]);
-    let mut c = encode(Tag::IA5_STRING, b"IM4M");
-    c.extend(encode_uint(0));
-    c.extend_from_slice(&set);
-    c.extend(encode(Tag::OCTET_STRING, &simulated_signature(&set)));
-    encode(Tag::SEQUENCE, &c)
-}
-
-/// The signature a simulated ticket carries over its signed SET.
-pub fn simulated_signature(signed_set: &[u8]) -> [u8; 48] {
-    Sha384::digest(signed_set).into()
+    crate::ticket::sign_im4m(&spec)
 }
 
 /// `IM4R` with the given properties.
@@ -919,25 +911,52 @@ mod tests {
         assert_eq!(again, data);
     }
 
-    fn sample_ticket() -> TicketSpec {
-        TicketSpec {
-            chip: 0x8103,
-            board: 0x22,
-            ecid: 0x0011_2233_4455_6677,
-            security_domain: 1,
-            production: true,
-            security: true,
-            digests: vec![
+    fn sample_ticket() -> crate::ticket::TicketSpec {
+        crate::ticket::TicketSpec::simple(
+            0x8103,
+            0x22,
+            0x0011_2233_4455_6677,
+            1,
+            vec![
                 (FourCc(*b"rkrn"), vec![1; 48]),
                 (FourCc(*b"ibss"), vec![2; 48]),
             ],
-        }
+        )
+    }
+
+    /// A ticket with a fixed fake signature, so its bytes are reproducible.
+    fn build_sample_im4m() -> Vec<u8> {
+        let t = sample_ticket();
+        let manb = vec![
+            (
+                FourCc(*b"MANP"),
+                PropValue::Set(vec![
+                    (FourCc(*b"BORD"), PropValue::Integer(u64::from(t.board))),
+                    (FourCc(*b"CHIP"), PropValue::Integer(u64::from(t.chip))),
+                    (FourCc(*b"ECID"), PropValue::Integer(t.ecid)),
+                    (FourCc(*b"SDOM"), PropValue::Integer(1)),
+                ]),
+            ),
+            (
+                FourCc(*b"rkrn"),
+                PropValue::Set(vec![(FourCc(*b"DGST"), PropValue::Data(vec![1; 48]))]),
+            ),
+            (
+                FourCc(*b"ibss"),
+                PropValue::Set(vec![(FourCc(*b"DGST"), PropValue::Data(vec![2; 48]))]),
+            ),
+        ];
+        build_im4m_with(
+            manb,
+            |set| Sha384::digest(set).to_vec(),
+            &encode(Tag::SEQUENCE, &encode(Tag::IA5_STRING, b"certs")),
+        )
     }
 
     #[test]
     fn writer_round_trips() {
         let im4p = build_im4p(FourCc(*b"ibss"), "iBoot-1.0", &[9u8; 300]);
-        let im4m = build_im4m(&sample_ticket());
+        let im4m = build_sample_im4m();
         let im4r = build_im4r(&[(FourCc(*b"BNCN"), PropValue::Data(vec![1, 2, 3]))]);
         let img4 = stitch(&im4p, &im4m, Some(&im4r));
         let i = Img4::parse(&img4).unwrap();
@@ -949,7 +968,6 @@ mod tests {
         assert_eq!(m.manp_uint("BORD"), Some(0x22));
         assert_eq!(m.manp_uint("ECID"), Some(0x0011_2233_4455_6677));
         assert_eq!(m.manp_uint("SDOM"), Some(1));
-        assert_eq!(m.manp_data("SIMS"), Some(SIMULATED_MARKER));
         assert_eq!(m.digest_of(FourCc(*b"rkrn")), Some(&[1u8; 48][..]));
         assert_eq!(m.digest_of(FourCc(*b"ibss")), Some(&[2u8; 48][..]));
         assert_eq!(m.digest_of(FourCc(*b"rdsk")), None);
@@ -958,8 +976,34 @@ mod tests {
         assert_eq!(order, ["MANP", "ibss", "rkrn"]);
         assert_eq!(
             m.signature,
-            Some(&simulated_signature(m.signed_set)[..]),
-            "signature slot holds SHA-384 of the signed set"
+            Some(&Sha384::digest(m.signed_set)[..]),
+            "the signer saw exactly the signed set"
+        );
+        assert_eq!(
+            m.certificates,
+            Some(&encode(Tag::SEQUENCE, &encode(Tag::IA5_STRING, b"certs"))[..])
+        );
+        // The real signer: its signature verifies over the signed set.
+        let signed = build_im4m(&TicketSpec {
+            chip: 0x8103,
+            board: 0x22,
+            ecid: 7,
+            security_domain: 1,
+            production: false,
+            security: true,
+            digests: vec![(FourCc(*b"ibss"), vec![2; 48])],
+        });
+        let sm = Im4m::parse(&signed).unwrap();
+        assert!(crate::ticket::verify_signature(
+            sm.signed_set,
+            sm.signature.unwrap()
+        ));
+        assert_eq!(sm.manp_uint("ECID"), Some(7));
+        let epro = find(sm.object(FourCc(*b"ibss")).unwrap(), "EPRO").unwrap();
+        assert_eq!(epro.value, Value::Boolean(false));
+        assert_eq!(
+            find(sm.manp().unwrap(), "CPRO").unwrap().value,
+            Value::Boolean(false)
         );
         assert_eq!(i.im4r.unwrap().properties[0].fourcc, FourCc(*b"BNCN"));
         // Without IM4R.
@@ -1028,7 +1072,7 @@ mod tests {
     #[test]
     fn truncations_error_instead_of_panicking() {
         let im4p = build_im4p(FourCc(*b"ibec"), "x", &[7u8; 600]);
-        let im4m = build_im4m(&sample_ticket());
+        let im4m = build_sample_im4m();
         let img4 = stitch(&im4p, &im4m, None);
         for n in 0..img4.len() {
             assert!(Img4::parse(&img4[..n]).is_err(), "prefix {n}");
@@ -1044,7 +1088,7 @@ mod tests {
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
         let base = stitch(
             &build_im4p(FourCc(*b"rkrn"), "k", &[3u8; 200]),
-            &build_im4m(&sample_ticket()),
+            &build_sample_im4m(),
             Some(&build_im4r(&[(FourCc(*b"BNCN"), PropValue::Data(vec![1]))])),
         );
         for _ in 0..3000 {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -85,6 +86,60 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Serve a simulated TSS that signs tickets with the test key the simulated Mac trusts.
+    Tss {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// BuildManifest(s) whose builds the server knows; repeatable.
+        #[arg(long = "manifest", required = true)]
+        manifests: Vec<PathBuf>,
+        /// Builds still signed (ProductBuildVersion); repeatable. Default: every known build.
+        #[arg(long = "signed-build")]
+        signed_builds: Vec<String>,
+        /// ECIDs (hex) allowed; repeatable. Default: any.
+        #[arg(long = "allow-ecid")]
+        allow_ecids: Vec<String>,
+        /// Serve HTTPS with a test CA generated now.
+        #[arg(long)]
+        tls: bool,
+        /// Where to write the test CA's PEM (with --tls).
+        #[arg(long, requires = "tls")]
+        ca_out: Option<PathBuf>,
+        /// Fault: drop the connection of the first N requests without an answer.
+        #[arg(long, default_value_t = 0)]
+        drop_first: u32,
+        /// Fault: answer every request with STATUS=94 (not eligible).
+        #[arg(long)]
+        always_94: bool,
+        /// Fault: answer every request with HTTP 500.
+        #[arg(long)]
+        http_500: bool,
+    },
+    /// Write a synthetic IPSW: real ZIP layout, the board's BuildManifest, IM4P components and
+    /// a generated OS image.
+    MakeIpsw {
+        #[arg(long)]
+        board: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Size of the OS image in bytes.
+        #[arg(long, default_value_t = 16 << 20)]
+        os_size: u64,
+        /// Deflate the OS image (default: stored, as recent IPSWs).
+        #[arg(long)]
+        deflate_os: bool,
+        /// Use this BuildManifest instead of the board's fixture.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Write ZIP64 records even when no value needs them.
+        #[arg(long)]
+        force_zip64: bool,
+        /// Make the OS image mostly zeros written as holes (multi-GiB IPSWs on little disk).
+        #[arg(long)]
+        sparse_os: bool,
+    },
+    /// Serve a simulated firmware catalog (Apple mesu XML + ipsw.me v4 JSON) until killed.
+    Catalog(mac_sim::services::catalog::CliArgs),
 }
 
 fn parse_ecid(s: &str) -> Result<u64> {
@@ -99,6 +154,8 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: serial consoles and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
         Cmd::Boards => {
@@ -164,8 +221,112 @@ fn main() -> Result<()> {
                 println!("{}", p.display());
             }
         }
+        Cmd::Tss {
+            listen,
+            manifests,
+            signed_builds,
+            allow_ecids,
+            tls,
+            ca_out,
+            drop_first,
+            always_94,
+            http_500,
+        } => {
+            let faults = mac_sim::services::tss::TssFaults::default();
+            faults.drop_next.store(drop_first, Ordering::Relaxed);
+            faults.always_94.store(always_94, Ordering::Relaxed);
+            faults.http_500.store(http_500, Ordering::Relaxed);
+            serve_tss(
+                listen,
+                &manifests,
+                (signed_builds, allow_ecids),
+                tls,
+                ca_out,
+                faults,
+            )?
+        }
+        Cmd::MakeIpsw {
+            board,
+            out,
+            os_size,
+            deflate_os,
+            manifest,
+            force_zip64,
+            sparse_os,
+        } => {
+            let mut opts = mac_sim::ipsw::IpswOptions::new(&board);
+            opts.os_size = os_size;
+            opts.deflate_os = deflate_os;
+            opts.manifest = manifest;
+            opts.force_zip64 = force_zip64;
+            opts.sparse_os = sparse_os;
+            let summary = mac_sim::ipsw::make_ipsw(&opts, &out)
+                .with_context(|| format!("cannot write the IPSW {}", out.display()))?;
+            println!(
+                "{}: {} entries, OS image {}",
+                out.display(),
+                summary.entries.len(),
+                summary.os_paths.join(", ")
+            );
+        }
+        Cmd::Catalog(args) => mac_sim::services::catalog::run_cli(args, |mesu, ipsw_me| {
+            // Scripts read these two lines to find the ephemeral port.
+            println!("mesu: {mesu}");
+            println!("ipsw.me: {ipsw_me}");
+        })
+        .context("catalog server failed")?,
     }
     Ok(())
+}
+
+fn serve_tss(
+    listen: SocketAddr,
+    manifests: &[PathBuf],
+    (signed_builds, allow_ecids): (Vec<String>, Vec<String>),
+    tls: bool,
+    ca_out: Option<PathBuf>,
+    faults: mac_sim::services::tss::TssFaults,
+) -> Result<()> {
+    use mac_sim::services::tss::{TssConfig, TssService};
+    let mut config = TssConfig::from_files(manifests)?;
+    if !signed_builds.is_empty() {
+        config.signed_builds = Some(signed_builds.into_iter().collect());
+    }
+    if !allow_ecids.is_empty() {
+        config.ecid_allow = Some(
+            allow_ecids
+                .iter()
+                .map(|e| parse_ecid(e))
+                .collect::<Result<_>>()?,
+        );
+    }
+    let tls_config = if tls {
+        let pki = mac_sim::services::pki::TestPki::generate(&[])?;
+        if let Some(p) = &ca_out {
+            std::fs::write(p, &pki.ca_pem)
+                .with_context(|| format!("cannot write the CA to {}", p.display()))?;
+        }
+        Some(pki.server_config)
+    } else {
+        None
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let mut svc = TssService::new(config);
+        svc.faults = faults;
+        let svc = std::sync::Arc::new(svc);
+        let server = svc
+            .start(listen, tls_config)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        // The URL on stdout lets scripts find the port chosen for 127.0.0.1:0.
+        println!("{}/TSS/controller?action=2", server.url());
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        tokio::signal::ctrl_c().await?;
+        tracing::info!("TSS served {} requests", svc.requests());
+        Ok(())
+    })
 }
 
 fn print_descriptors(d: &Descriptors) {

@@ -4,5 +4,7 @@
 //! connection through a [`http::Responder`] so they can cut a body at byte N, stall, or lie
 //! about content. `pki` makes a throwaway test CA and server certificate at run time.
 
+pub mod catalog;
 pub mod http;
 pub mod pki;
+pub mod tss;

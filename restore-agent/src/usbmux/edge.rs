@@ -1,0 +1,767 @@
+//! The edge that runs a [`Mux`] over a real (or simulated) USB device, for tokio.
+//!
+//! Layout: one blocking thread reads bulk IN transfers, one writes bulk OUT transfers, and a
+//! tokio task ("driver") owns the timers and moves bytes between them and the mux. Each
+//! connection is a [`MuxStream`] (`AsyncRead + AsyncWrite`) that calls into the mux directly
+//! under a short lock; backpressure is the mux's own (its `send`/`recv` return 0 and the
+//! `Readable`/`Writable` events wake the stream).
+//!
+//! When the transport offers a second handle ([`UsbTransport::bulk_handle`]) the reader owns it
+//! and reads and writes overlap freely. Otherwise the two threads take turns on the one handle
+//! behind a mutex: the reader polls with a short timeout and steps aside whenever the writer
+//! is waiting, which bounds a write's wait to one poll — correct, but slower.
+//!
+//! Only what the restore asks for is opened: no preflight connection, and never Apple's
+//! GET_MODE/SET_MODE vendor requests (§6.1, §6.8).
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tracing::{debug, info, warn};
+
+use super::{ConnError, ConnId, Event, Mux, MuxConfig, MuxError, RX_TRANSFER_SIZE};
+use crate::usb::descriptor::{self, ConfigDescriptor, DescriptorError};
+use crate::usb::{TransportError, UsbTransport};
+
+/// The usbmux interface of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MuxInterface {
+    pub configuration: u8,
+    pub interface: u8,
+    /// Bulk IN endpoint address (with the direction bit).
+    pub ep_in: u8,
+    /// Bulk OUT endpoint address (without the direction bit).
+    pub ep_out: u8,
+    pub out_max_packet_size: u16,
+}
+
+/// Picks the usbmux interface: configurations from the highest value down, the first alt-0
+/// interface with class 0xFF, subclass 0xFE, protocol 0x02 and exactly two bulk endpoints
+/// (one IN, one OUT). usbmuxd accepts any one of the three class values (an OR); we require
+/// all three so no other vendor interface is ever taken for the mux.
+pub fn find_interface(configs: &[ConfigDescriptor]) -> Option<MuxInterface> {
+    let mut sorted: Vec<&ConfigDescriptor> = configs.iter().collect();
+    sorted.sort_by_key(|c| std::cmp::Reverse(c.configuration_value));
+    for config in sorted {
+        for iface in &config.interfaces {
+            let Some(alt) = iface.alt_settings.iter().find(|a| a.alternate_setting == 0) else {
+                continue;
+            };
+            if (alt.class, alt.subclass, alt.protocol) != (0xFF, 0xFE, 0x02) {
+                continue;
+            }
+            if alt.endpoints.len() != 2 || alt.endpoints.iter().any(|e| e.transfer_type() != 2) {
+                continue;
+            }
+            let ep_in = alt.endpoints.iter().find(|e| e.is_in());
+            let ep_out = alt.endpoints.iter().find(|e| !e.is_in());
+            if let (Some(i), Some(o)) = (ep_in, ep_out) {
+                return Some(MuxInterface {
+                    configuration: config.configuration_value,
+                    interface: iface.number,
+                    ep_in: i.address,
+                    ep_out: o.address & 0x7F,
+                    out_max_packet_size: o.max_packet_size & 0x7FF,
+                });
+            }
+        }
+    }
+    None
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("cannot read the restore-mode Mac's USB descriptors: {0}")]
+    Descriptor(#[from] DescriptorError),
+    #[error(
+        "the device has no usbmux interface (class FF/FE/02 with two bulk endpoints): it is not \
+         a Mac in restore mode; check that the boot chain reached bootx"
+    )]
+    NoInterface,
+    #[error("cannot set up the usbmux interface: {0}")]
+    Transport(#[from] TransportError),
+    #[error(
+        "the Mac did not complete the usbmux handshake within {0:?}: the restore ramdisk may not \
+         have started; replug the cable and restore from DFU again"
+    )]
+    HandshakeTimeout(Duration),
+    #[error("usbmux failed: {0}")]
+    Mux(#[from] MuxError),
+    #[error("the Mac left USB during the usbmux handshake: {0}")]
+    Gone(String),
+}
+
+/// Tunables of the edge.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// Mux settings; `out_max_packet_size` is replaced by the endpoint's value.
+    pub mux: MuxConfig,
+    /// Bulk IN poll timeout with a handle of its own (bounds only how fast the reader notices
+    /// a shutdown; long, because a timed-out transfer may lose a partial packet).
+    pub read_poll: Duration,
+    /// Bulk IN poll timeout when reader and writer share one handle: the longest a write waits
+    /// for the reader to step aside.
+    pub shared_read_poll: Duration,
+    /// Bulk OUT timeout: a device that takes longer to accept 48 KiB is stuck.
+    pub write_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// Bulk OUT transfers queued towards the writer thread at most.
+    pub write_queue: usize,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            mux: MuxConfig::default(),
+            read_poll: Duration::from_millis(200),
+            shared_read_poll: Duration::from_millis(5),
+            write_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            write_queue: 8,
+        }
+    }
+}
+
+/// Selects, configures and claims the usbmux interface.
+pub fn claim(transport: &mut dyn UsbTransport) -> Result<MuxInterface, EdgeError> {
+    let device = descriptor::read_device_descriptor(transport)?;
+    let mut configs = Vec::new();
+    for index in 0..device.num_configurations {
+        configs.push(descriptor::read_config_descriptor(transport, index)?);
+    }
+    let iface = find_interface(&configs).ok_or(EdgeError::NoInterface)?;
+    transport.set_configuration(iface.configuration)?;
+    transport.claim_interface(iface.interface, 0)?;
+    info!(?iface, "usbmux interface claimed");
+    Ok(iface)
+}
+
+#[derive(Default)]
+struct ConnSlot {
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+    connect: Option<oneshot::Sender<io::Result<()>>>,
+}
+
+struct Core {
+    mux: Mux,
+    conns: HashMap<ConnId, ConnSlot>,
+    /// Why the link is dead, once it is.
+    failed: Option<String>,
+}
+
+impl Core {
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            warn!("usbmux link lost: {why}");
+            self.failed = Some(why.clone());
+        }
+        for (_, slot) in self.conns.iter_mut() {
+            wake(&mut slot.read_waker);
+            wake(&mut slot.write_waker);
+            if let Some(tx) = slot.connect.take() {
+                let _ = tx.send(Err(gone(&why)));
+            }
+        }
+    }
+
+    fn dispatch_events(&mut self, ready: &watch::Sender<Option<u32>>) {
+        while let Some(ev) = self.mux.poll_event() {
+            match ev {
+                Event::Ready { version } => {
+                    info!(version, "usbmux ready");
+                    let _ = ready.send(Some(version));
+                }
+                Event::Connected(id) => {
+                    if let Some(tx) = self.conns.get_mut(&id).and_then(|s| s.connect.take()) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Event::Refused { conn, port, reason } => {
+                    if let Some(slot) = self.conns.remove(&conn) {
+                        if let Some(tx) = slot.connect {
+                            let _ = tx.send(Err(io::Error::new(
+                                io::ErrorKind::ConnectionRefused,
+                                format!(
+                                    "the Mac refused a connection to port {port}{}",
+                                    suffix(&reason)
+                                ),
+                            )));
+                        }
+                    }
+                }
+                Event::Readable(id) => {
+                    if let Some(s) = self.conns.get_mut(&id) {
+                        wake(&mut s.read_waker);
+                    }
+                }
+                Event::Writable(id) => {
+                    if let Some(s) = self.conns.get_mut(&id) {
+                        wake(&mut s.write_waker);
+                    }
+                }
+                Event::Closed { conn, reason } => {
+                    debug!(%conn, %reason, "mux connection closed by the Mac");
+                    if let Some(s) = self.conns.get_mut(&conn) {
+                        wake(&mut s.read_waker);
+                        wake(&mut s.write_waker);
+                        if let Some(tx) = s.connect.take() {
+                            let _ = tx.send(Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                format!("the Mac reset the connection{}", suffix(&reason)),
+                            )));
+                        }
+                    }
+                }
+                Event::Control { level, text } => {
+                    debug!(?level, %text, "usbmux control message");
+                }
+            }
+        }
+    }
+}
+
+fn suffix(reason: &str) -> String {
+    let r = reason.trim();
+    if r.is_empty() {
+        String::new()
+    } else {
+        format!(": {r}")
+    }
+}
+
+fn wake(w: &mut Option<Waker>) {
+    if let Some(w) = w.take() {
+        w.wake();
+    }
+}
+
+fn gone(why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        format!("the Mac's USB link is gone ({why}); check the cable and the Mac, then restart from DFU"),
+    )
+}
+
+enum FromUsb {
+    In(Vec<u8>),
+    Written,
+    Gone(String),
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    notify: Notify,
+    ready: watch::Sender<Option<u32>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock is a bug in the mux; keep serving what is left.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Stops the link when the last handle and stream are gone, so the threads never outlive it.
+struct Guard(Arc<Shared>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::SeqCst);
+        self.0.lock().fail("the host closed the usbmux link".into());
+        self.0.notify.notify_one();
+    }
+}
+
+/// A running usbmux link. Cheap to clone; [`MuxHandle::shutdown`] stops it, and so does
+/// dropping the last handle and stream.
+#[derive(Clone)]
+pub struct MuxHandle {
+    shared: Arc<Shared>,
+    guard: Arc<Guard>,
+    version: u32,
+}
+
+impl std::fmt::Debug for MuxHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxHandle")
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl MuxHandle {
+    /// Claims the usbmux interface of `transport`, starts the I/O threads and the driver task
+    /// and waits for the handshake. Must be called inside a tokio runtime.
+    pub async fn open(
+        mut transport: Box<dyn UsbTransport>,
+        config: EdgeConfig,
+    ) -> Result<MuxHandle, EdgeError> {
+        let (transport, iface) = tokio::task::spawn_blocking(move || {
+            let r = claim(transport.as_mut());
+            (transport, r)
+        })
+        .await
+        .map_err(|e| EdgeError::Gone(e.to_string()))?;
+        let iface = iface?;
+        let mut mux_config = config.mux.clone();
+        mux_config.out_max_packet_size = usize::from(iface.out_max_packet_size);
+        let (ready_tx, mut ready_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                mux: Mux::new(mux_config),
+                conns: HashMap::new(),
+                failed: None,
+            }),
+            notify: Notify::new(),
+            ready: ready_tx,
+            stop: AtomicBool::new(false),
+        });
+        let (reader, writer, poll) = match transport.bulk_handle() {
+            Some(second) => (Bulk::Own(second), Bulk::Own(transport), config.read_poll),
+            None => {
+                debug!("transport offers no second handle; reads and writes take turns");
+                let t = Arc::new(Mutex::new(transport));
+                let waiting = Arc::new(AtomicUsize::new(0));
+                (
+                    Bulk::Shared(t.clone(), waiting.clone()),
+                    Bulk::Shared(t, waiting),
+                    config.shared_read_poll,
+                )
+            }
+        };
+        let (usb_tx, usb_rx) = mpsc::unbounded_channel();
+        let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+
+        spawn_reader(reader, &shared, iface.ep_in, poll, usb_tx.clone());
+        spawn_writer(writer, iface.ep_out, config.write_timeout, out_rx, usb_tx);
+        tokio::spawn(drive(
+            shared.clone(),
+            usb_rx,
+            out_tx,
+            config.write_queue.max(1),
+        ));
+
+        let wait = async {
+            loop {
+                if let Some(v) = *ready_rx.borrow_and_update() {
+                    return Ok(v);
+                }
+                if let Some(why) = shared.lock().failed.clone() {
+                    return Err(EdgeError::Gone(why));
+                }
+                if ready_rx.changed().await.is_err() {
+                    return Err(EdgeError::Gone("driver stopped".into()));
+                }
+            }
+        };
+        let version = match tokio::time::timeout(config.handshake_timeout, wait).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+            Err(_) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                shared.notify.notify_one();
+                return Err(EdgeError::HandshakeTimeout(config.handshake_timeout));
+            }
+        };
+        let guard = Arc::new(Guard(shared.clone()));
+        Ok(MuxHandle {
+            shared,
+            guard,
+            version,
+        })
+    }
+
+    /// The device's usbmux major version (1 or 2).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Opens a connection to `port` on the Mac.
+    pub async fn connect(&self, port: u16) -> io::Result<MuxStream> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut core = self.shared.lock();
+            if let Some(why) = &core.failed {
+                return Err(gone(why));
+            }
+            let id = core.mux.connect(port).map_err(|e| match e {
+                MuxError::Failed => gone("the link failed earlier"),
+                other => io::Error::other(other.to_string()),
+            })?;
+            core.conns.insert(
+                id,
+                ConnSlot {
+                    connect: Some(tx),
+                    ..ConnSlot::default()
+                },
+            );
+            id
+        };
+        self.shared.notify.notify_one();
+        let stream = MuxStream {
+            shared: self.shared.clone(),
+            _guard: self.guard.clone(),
+            id,
+            port,
+            closed: false,
+        };
+        match rx.await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => {
+                // Refused/reset connections are gone from the mux already.
+                let mut s = stream;
+                s.closed = true;
+                Err(e)
+            }
+            Err(_) => Err(gone("the driver stopped")),
+        }
+    }
+
+    /// True once the link failed (device gone or protocol error).
+    pub fn failure(&self) -> Option<String> {
+        self.shared.lock().failed.clone()
+    }
+
+    /// Stops the threads and the driver; open streams fail from now on.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared
+            .lock()
+            .fail("the host closed the usbmux link".into());
+        self.shared.notify.notify_one();
+    }
+}
+
+impl crate::restored::Connector for MuxHandle {
+    type Stream = MuxStream;
+    async fn connect(&self, port: u16) -> io::Result<MuxStream> {
+        MuxHandle::connect(self, port).await
+    }
+}
+
+/// The reader's or the writer's way to the device.
+enum Bulk {
+    /// A handle of its own.
+    Own(Box<dyn UsbTransport>),
+    /// One handle shared by both threads; the counter says a writer is waiting for it.
+    Shared(Arc<Mutex<Box<dyn UsbTransport>>>, Arc<AtomicUsize>),
+}
+
+impl Bulk {
+    fn bulk_in(&mut self, ep: u8, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        match self {
+            Bulk::Own(t) => t.bulk_in(ep, RX_TRANSFER_SIZE, timeout),
+            Bulk::Shared(t, writer_waiting) => {
+                // Let a waiting writer in first: reads poll, writes carry the image.
+                while writer_waiting.load(Ordering::SeqCst) > 0 {
+                    thread::yield_now();
+                }
+                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                t.bulk_in(ep, RX_TRANSFER_SIZE, timeout)
+            }
+        }
+    }
+
+    fn bulk_out(
+        &mut self,
+        ep: u8,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<usize, TransportError> {
+        match self {
+            Bulk::Own(t) => t.bulk_out(ep, data, timeout),
+            Bulk::Shared(t, writer_waiting) => {
+                writer_waiting.fetch_add(1, Ordering::SeqCst);
+                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                writer_waiting.fetch_sub(1, Ordering::SeqCst);
+                t.bulk_out(ep, data, timeout)
+            }
+        }
+    }
+}
+
+fn spawn_reader(
+    mut bulk: Bulk,
+    shared: &Arc<Shared>,
+    ep_in: u8,
+    poll: Duration,
+    tx: mpsc::UnboundedSender<FromUsb>,
+) {
+    let shared = shared.clone();
+    thread::Builder::new()
+        .name("usbmux-rx".into())
+        .spawn(move || {
+            while !shared.stop.load(Ordering::SeqCst) {
+                match bulk.bulk_in(ep_in, poll) {
+                    Ok(data) => {
+                        if tx.send(FromUsb::In(data)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(TransportError::Timeout(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(FromUsb::Gone(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        })
+        // Thread creation fails only when the OS is out of resources; nothing sensible remains.
+        .expect("spawn usbmux reader thread");
+}
+
+fn spawn_writer(
+    mut bulk: Bulk,
+    ep_out: u8,
+    timeout: Duration,
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    tx: mpsc::UnboundedSender<FromUsb>,
+) {
+    thread::Builder::new()
+        .name("usbmux-tx".into())
+        .spawn(move || {
+            while let Ok(data) = rx.recv() {
+                let msg = match bulk.bulk_out(ep_out, &data, timeout) {
+                    Ok(n) if n == data.len() => FromUsb::Written,
+                    Ok(n) => FromUsb::Gone(format!(
+                        "the Mac accepted only {n} of {} bytes of a USB transfer",
+                        data.len()
+                    )),
+                    Err(e) => FromUsb::Gone(e.to_string()),
+                };
+                let fatal = matches!(msg, FromUsb::Gone(_));
+                if tx.send(msg).is_err() || fatal {
+                    return;
+                }
+            }
+        })
+        // As for the reader.
+        .expect("spawn usbmux writer thread");
+}
+
+async fn drive(
+    shared: Arc<Shared>,
+    mut usb: mpsc::UnboundedReceiver<FromUsb>,
+    out: std::sync::mpsc::Sender<Vec<u8>>,
+    queue_limit: usize,
+) {
+    let mut in_flight = 0usize;
+    loop {
+        let deadline = {
+            let mut core = shared.lock();
+            // Move what the mux wants to send to the writer, up to the queue limit.
+            if core.failed.is_none() {
+                while in_flight < queue_limit {
+                    let Some(t) = core.mux.poll_transmit() else {
+                        break;
+                    };
+                    if out.send(t).is_err() {
+                        core.fail("the USB writer stopped".into());
+                        break;
+                    }
+                    in_flight += 1;
+                }
+            }
+            core.dispatch_events(&shared.ready);
+            core.mux.poll_timeout(Instant::now())
+        };
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = usb.recv() => {
+                let mut core = shared.lock();
+                let mut next = msg;
+                // Take everything already waiting in one go.
+                while let Some(m) = next {
+                    match m {
+                        FromUsb::In(data) => {
+                            if let Err(e) = core.mux.on_usb_in(&data) {
+                                core.fail(e.to_string());
+                            }
+                        }
+                        FromUsb::Written => in_flight = in_flight.saturating_sub(1),
+                        FromUsb::Gone(why) => core.fail(why),
+                    }
+                    next = usb.try_recv().ok();
+                }
+                if core.failed.is_some() {
+                    core.dispatch_events(&shared.ready);
+                    drop(core);
+                    shared.stop.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+            _ = shared.notify.notified() => {}
+            _ = timer => {
+                shared.lock().mux.on_timer(Instant::now());
+            }
+        }
+    }
+}
+
+/// One connection to a port on the Mac.
+pub struct MuxStream {
+    shared: Arc<Shared>,
+    _guard: Arc<Guard>,
+    id: ConnId,
+    port: u16,
+    closed: bool,
+}
+
+impl std::fmt::Debug for MuxStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxStream")
+            .field("id", &self.id)
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl MuxStream {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn close_now(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        {
+            let mut core = self.shared.lock();
+            core.conns.remove(&self.id);
+            let _ = core.mux.close(self.id);
+        }
+        self.shared.notify.notify_one();
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection was closed by this host",
+            )));
+        }
+        let mut core = this.shared.lock();
+        let dst = buf.initialize_unfilled();
+        if dst.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        match core.mux.recv(this.id, dst) {
+            Ok(0) => {
+                if let Some(why) = &core.failed {
+                    return Poll::Ready(Err(gone(why)));
+                }
+                if let Some(slot) = core.conns.get_mut(&this.id) {
+                    slot.read_waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Ok(n) => {
+                buf.advance(n);
+                drop(core);
+                // Reading frees window: the driver may owe an ACK.
+                this.shared.notify.notify_one();
+                Poll::Ready(Ok(()))
+            }
+            // usbmux has no FIN: the device ends a stream with a RST, which reads as EOF.
+            Err(ConnError::Reset { reason }) => {
+                debug!(port = this.port, %reason, "mux connection ended by the Mac");
+                Poll::Ready(Ok(()))
+            }
+            Err(ConnError::Unknown(_)) => Poll::Ready(match &core.failed {
+                Some(why) => Err(gone(why)),
+                None => Ok(()),
+            }),
+        }
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection was closed by this host",
+            )));
+        }
+        let mut core = this.shared.lock();
+        if let Some(why) = &core.failed {
+            return Poll::Ready(Err(gone(why)));
+        }
+        match core.mux.send(this.id, data) {
+            Ok(0) if !data.is_empty() => {
+                if let Some(slot) = core.conns.get_mut(&this.id) {
+                    slot.write_waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Ok(n) => {
+                drop(core);
+                this.shared.notify.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(ConnError::Reset { reason }) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!(
+                    "the Mac reset the connection to port {}{}",
+                    this.port,
+                    suffix(&reason)
+                ),
+            ))),
+            Err(ConnError::Unknown(_)) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("the connection to port {} is closed", this.port),
+            ))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Accepted bytes are the mux's to deliver (like a TCP socket's send buffer).
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // usbmux has no half-close: data already accepted goes out, then a RST.
+        self.get_mut().close_now();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for MuxStream {
+    fn drop(&mut self) {
+        self.close_now();
+    }
+}
