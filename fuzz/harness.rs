@@ -10,6 +10,7 @@ use std::cmp::Ordering;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
+use restore_agent::asr::{self, AsrError, CommandParser, MAX_COMMAND_LEN};
 use restore_agent::bootchain::plan::{self, Step};
 use restore_agent::catalog::{self, FirmwareEntry, MesuCatalog};
 use restore_agent::identity::{serial, AppleMode, DeviceIdentity};
@@ -19,6 +20,7 @@ use restore_agent::ipsw::zip::{
 };
 use restore_agent::ipsw::{Method, RandomAccess, ZipArchive, ZipError};
 use restore_agent::manifest::{BuildIdentity, BuildManifest, RestoreBehavior};
+use restore_agent::restored::framing::{self, Decoder, Encoding, FramingError};
 use restore_agent::tss;
 use restore_agent::usb::descriptor::{
     emit_language_ids, emit_string, parse_language_ids, parse_string, ConfigDescriptor,
@@ -864,5 +866,87 @@ impl MuxRun {
             }
         }
         self.drain();
+    }
+}
+
+// ----- restored framing and ASR commands ------------------------------------------------------
+
+/// Splits a stream input into the pieces it arrives in: each piece is a length byte, then
+/// that many bytes (fewer at the end).
+fn stream_pieces(data: &[u8]) -> Vec<&[u8]> {
+    let mut pieces = Vec::new();
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let (piece, next) = tail.split_at(usize::from(len).min(tail.len()));
+        pieces.push(piece);
+        rest = next;
+    }
+    pieces
+}
+
+/// Largest frame the `restored_framing` target accepts, so the limit is reachable.
+pub const FUZZ_MAX_MESSAGE_LEN: usize = 1 << 16;
+
+/// `framing::parse_plist` on the raw bytes, then the restored frame `Decoder` fed the input
+/// in pieces (see [`stream_pieces`]), taking every message after each piece. Every message
+/// or malformed frame consumes bytes; a decoded dictionary re-encodes to one frame that
+/// decodes to the same dictionary.
+pub fn restored_framing(data: &[u8]) {
+    let _ = framing::parse_plist(data);
+    let mut decoder = Decoder::new(FUZZ_MAX_MESSAGE_LEN);
+    for piece in stream_pieces(data) {
+        decoder.push(piece);
+        loop {
+            let before = decoder.buffered();
+            match decoder.next_message() {
+                Ok(Some(dict)) => {
+                    assert!(decoder.buffered() < before);
+                    let frame = framing::encode(&dict, Encoding::Binary)
+                        .expect("a decoded dictionary encodes");
+                    let mut again = Decoder::new(usize::MAX);
+                    again.push(&frame);
+                    let decoded = again.next_message().expect("an encoded frame decodes");
+                    // Debug text compares NaN reals as equal, which `==` does not.
+                    assert_eq!(format!("{decoded:?}"), format!("{:?}", Some(dict)));
+                    assert_eq!(again.buffered(), 0);
+                }
+                Ok(None) => break,
+                // The length prefix cannot be trusted any more: the stream is over.
+                Err(FramingError::TooLarge { len, max }) => {
+                    assert!(len > max && max == FUZZ_MAX_MESSAGE_LEN);
+                    return;
+                }
+                Err(e) => {
+                    assert!(!e.to_string().is_empty());
+                    assert!(decoder.buffered() < before, "a bad frame was not consumed");
+                }
+            }
+        }
+    }
+}
+
+/// `asr::parse_command` on the raw bytes, then the ASR `CommandParser` fed the input in
+/// pieces (see [`stream_pieces`]), taking every command after each piece. Every command or
+/// malformed one consumes bytes, and what stays buffered never exceeds the command limit.
+pub fn asr_commands(data: &[u8]) {
+    let _ = asr::parse_command(data);
+    let mut parser = CommandParser::new();
+    for piece in stream_pieces(data) {
+        parser.push(piece);
+        loop {
+            let before = parser.buffered();
+            match parser.next_command() {
+                Ok(Some(_)) => assert!(parser.buffered() < before),
+                Ok(None) => {
+                    assert!(parser.buffered() <= MAX_COMMAND_LEN);
+                    break;
+                }
+                Err(AsrError::CommandTooLarge) => return,
+                Err(e) => {
+                    assert!(!e.to_string().is_empty());
+                    assert!(parser.buffered() < before, "a bad command was not consumed");
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Regenerates the seeds of the format fuzz targets (zip_central_directory, catalog, manifest,
-tss_response, img4, usbmux) from the shared fixtures. Run from anywhere:
+tss_response, img4, usbmux, restored_framing, asr_commands) from the shared fixtures. Run from anywhere:
 
     python3 fuzz/seeds/make_seeds.py [path/to/shared]
 
@@ -233,3 +233,34 @@ write("usbmux", "seed-raw-and-large",
       op(0, b"\x00\x00\x00\x06\x00\x00\x00\x24\xfe\xed\xfa\xce\x00\x01\x00\x02") +
       op(3, b"\x01\x40") + op(3, b"\x00\x20") + op(5) + op(4, b"\x01\x00\xff") +
       op(4, b"\x03\x00\x00") + op(4, b"\x05\x00\x00"))
+
+# ----- restored_framing, asr_commands ------------------------------------------------------
+# Stream inputs: pieces of at most 255 bytes, each preceded by its length byte.
+
+
+def pieces(stream, size):
+    out = b""
+    for i in range(0, len(stream), size):
+        piece = stream[i:i + size]
+        out += bytes([len(piece)]) + piece
+    return out
+
+
+def frame(body):
+    return struct.pack(">I", len(body)) + body
+
+
+request = plistlib.dumps({"MsgType": "DataRequestMsg", "DataType": "SystemImageData"})
+status = plistlib.dumps({"MsgType": "StatusMsg", "Status": 0, "Progress": 42},
+                        fmt=plistlib.FMT_BINARY)
+progress = plistlib.dumps({"MsgType": "ProgressMsg", "Operation": 14, "Progress": 100,
+                           "Data": b"\x00\x01"}, fmt=plistlib.FMT_BINARY)
+write("restored_framing", "seed-xml-then-binary",
+      pieces(frame(request) + frame(status), 200))
+write("restored_framing", "seed-small-pieces", pieces(frame(progress) + frame(b"\n" + request), 7))
+
+initiate = plistlib.dumps({"Command": "Initiate", "Checksum Chunks": True}) + b"\n"
+oob = plistlib.dumps({"Command": "OOBData", "OOB Offset": 4096, "OOB Length": 512}) + b"\n"
+payload = plistlib.dumps({"Command": "Payload"}) + b"\n"
+write("asr_commands", "seed-session", pieces(initiate + oob + oob + payload, 255))
+write("asr_commands", "seed-small-pieces", pieces(b"  " + initiate + payload, 13))

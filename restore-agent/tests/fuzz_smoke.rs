@@ -629,3 +629,99 @@ fn usbmux_harness() {
         10_000,
     );
 }
+
+/// Counts the messages a stream input yields, piece by piece (as the harness feeds it).
+fn stream_yields(input: &[u8], mut take: impl FnMut(&[u8]) -> usize) -> bool {
+    let mut rest = input;
+    let mut total = 0;
+    while let Some((&len, tail)) = rest.split_first() {
+        let (piece, next) = tail.split_at(usize::from(len).min(tail.len()));
+        total += take(piece);
+        rest = next;
+    }
+    total > 0
+}
+
+#[test]
+fn restored_framing_harness() {
+    use restore_agent::restored::framing::Decoder;
+    const TOKENS: &[&[u8]] = &[
+        b"\x00\x00\x00",
+        b"\x00\x00\x01\x00",
+        b"\xff\xff\xff\xff",
+        b"bplist00",
+        b"<?xml version=\"1.0\"?>",
+        b"<plist version=\"1.0\">",
+        b"</plist>",
+        b"<dict>",
+        b"</dict>",
+        b"<key>MsgType</key>",
+        b"<string>StatusMsg</string>",
+        b"<integer>0</integer>",
+        b"\xd1\x01\x02",
+        b"\x08",
+        b"\n",
+    ];
+    run_target(
+        "restored_framing",
+        harness::restored_framing,
+        &seeds("restored_framing"),
+        TOKENS,
+        0x7265_7374_6f72_6564,
+        25_000,
+        |input| {
+            let mut decoder = Decoder::new(harness::FUZZ_MAX_MESSAGE_LEN);
+            stream_yields(input, |piece| {
+                decoder.push(piece);
+                let mut n = 0;
+                while let Ok(Some(_)) = decoder.next_message() {
+                    n += 1;
+                }
+                n
+            })
+        },
+        1_500,
+    );
+}
+
+#[test]
+fn asr_commands_harness() {
+    use restore_agent::asr::CommandParser;
+    const TOKENS: &[&[u8]] = &[
+        b"</plist>",
+        b"<plist version=\"1.0\">",
+        b"<?xml version=\"1.0\"?>",
+        b"<dict>",
+        b"</dict>",
+        b"<key>Command</key>",
+        b"<string>OOBData</string>",
+        b"<string>Payload</string>",
+        b"<key>OOB Offset</key>",
+        b"<key>OOB Length</key>",
+        b"<integer>18446744073709551615</integer>",
+        b"<integer>-1</integer>",
+        b"<true/>",
+        b"\n",
+        b" ",
+    ];
+    run_target(
+        "asr_commands",
+        harness::asr_commands,
+        &seeds("asr_commands"),
+        TOKENS,
+        0x6173_725f_636d_6473,
+        25_000,
+        |input| {
+            let mut parser = CommandParser::new();
+            stream_yields(input, |piece| {
+                parser.push(piece);
+                let mut n = 0;
+                while let Ok(Some(_)) = parser.next_command() {
+                    n += 1;
+                }
+                n
+            })
+        },
+        1_500,
+    );
+}
