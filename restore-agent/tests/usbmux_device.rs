@@ -1007,6 +1007,40 @@ fn device_overrunning_the_window_is_reset() {
 }
 
 #[test]
+fn an_ack_beyond_what_was_sent_resets_instead_of_stalling() {
+    // Found by fuzzing: the in-flight count wrapped to ~4 GiB and the connection never sent
+    // again — a silent hang. It must be a named error instead.
+    let mut rig = Rig::new(2);
+    let id = rig.connect(SOURCE_PORT);
+    let key = rig.dev.key_for_host_port(rig.sport(id));
+    rig.dev.conns.get_mut(&key).unwrap().expect += 5000;
+    rig.dev.send_tcp(key, ACK, &[]);
+    rig.pump();
+    assert!(rig
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Closed { conn, reason }
+            if *conn == id && reason.contains("never sent"))));
+    assert!(!rig.dev.conns.contains_key(&key), "host sent RST");
+}
+
+#[test]
+fn a_stale_duplicate_ack_is_ignored() {
+    let mut rig = Rig::new(2);
+    let id = rig.connect(SOURCE_PORT);
+    let key = rig.dev.key_for_host_port(rig.sport(id));
+    rig.mux.send(id, b"hello").unwrap();
+    rig.pump();
+    // The device repeats an ack from before "hello" was acknowledged.
+    let c = rig.dev.conns.get_mut(&key).unwrap();
+    c.expect = c.expect.wrapping_sub(5);
+    rig.dev.send_tcp(key, ACK, &[]);
+    rig.pump();
+    assert!(!rig.events.iter().any(|e| matches!(e, Event::Closed { .. })));
+    assert_eq!(rig.mux.send(id, b"more").unwrap(), 4);
+}
+
+#[test]
 fn random_bytes_never_panic() {
     let mut state = 0x2545_F491_4F6C_DD1D_u64;
     let mut next = move || {

@@ -319,10 +319,10 @@ impl Mux {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        conn.peer_ack = th.ack;
         conn.peer_window = th.window_bytes();
         match conn.state {
             ConnState::Connecting => {
+                conn.peer_ack = th.ack;
                 if Conn::is_syn_ack(th.flags) {
                     if th.seq != 0 {
                         // usbmuxd assumes ISN 0 and so do we (protocol.md §12 item 3); if a
@@ -387,6 +387,24 @@ impl Mux {
                             th.flags
                         )
                     };
+                    self.reset(id, reason, closing);
+                    return;
+                }
+                // Only an ack within what is in flight moves the window. An older one is a
+                // harmless duplicate; one beyond what the host sent would make the in-flight
+                // count wrap to ~4 GiB and silently stall the connection for good.
+                let in_flight = conn.tx_seq.wrapping_sub(conn.peer_ack);
+                let advance = th.ack.wrapping_sub(conn.peer_ack);
+                if advance <= in_flight {
+                    conn.peer_ack = th.ack;
+                } else if (advance as i32) > 0 {
+                    let rst = conn.header(tcp_flags::RST, window_field);
+                    self.queue_tcp(rst, &[]);
+                    let reason = format!(
+                        "the Mac acknowledged {} bytes the host never sent on this connection \
+                         (usbmux protocol error); unplug and replug the Mac and retry",
+                        advance - in_flight
+                    );
                     self.reset(id, reason, closing);
                     return;
                 }
