@@ -19,6 +19,7 @@ pub mod personalize;
 pub mod recovery;
 pub mod restored;
 pub mod reverse_proxy;
+pub mod station;
 pub mod tss;
 pub mod tss_client;
 pub mod usb;
