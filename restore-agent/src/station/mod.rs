@@ -23,7 +23,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -82,6 +82,9 @@ pub struct StationConfig {
     pub probe_ecid: bool,
     /// Stop once this many Macs have finished and nothing else is running or waiting.
     pub exit_after: Option<u32>,
+    /// A device back on a finished Mac's port within this time of leaving it is that Mac
+    /// re-enumerating (rebooting after its job), not a new Mac.
+    pub replug_grace: Duration,
 }
 
 impl Default for StationConfig {
@@ -94,6 +97,7 @@ impl Default for StationConfig {
             redraw: Duration::from_millis(250),
             probe_ecid: true,
             exit_after: None,
+            replug_grace: Duration::from_secs(5),
         }
     }
 }
@@ -240,8 +244,8 @@ struct Running {
     board: Board,
     slots: HashMap<u64, Slot>,
     pending: Vec<DeviceInfo>,
-    /// Ports whose job ended, left alone until the device leaves.
-    finished: Vec<UsbLocation>,
+    /// Ports whose job ended, with when their device left (None: still there).
+    finished: Vec<(UsbLocation, Option<Instant>)>,
     next_slot: u64,
     dirty: bool,
 }
@@ -314,7 +318,11 @@ impl Running {
             Msg::Hotplug(HotplugEvent::Arrived(dev)) => self.arrived(dev),
             Msg::Hotplug(HotplugEvent::Left(dev)) => {
                 self.pending.retain(|p| p.location != dev.location);
-                self.finished.retain(|l| *l != dev.location);
+                for (l, left) in &mut self.finished {
+                    if *l == dev.location {
+                        *left = Some(Instant::now());
+                    }
+                }
                 self.refresh_counts();
             }
             Msg::Probed(dev, ecid) => self.probed(dev, ecid),
@@ -352,11 +360,22 @@ impl Running {
         {
             // Its own job follows it through re-enumerations; only the log hears of it.
             let line = format!("re-enumerated as {mode:?} (address {})", dev.address);
-            self.slot_log(id, vec![line]);
+            self.slot_note(id, line);
             return;
         }
-        if self.finished.contains(&dev.location) {
-            return;
+        if let Some(i) = self.finished.iter().position(|(l, _)| *l == dev.location) {
+            let grace = self.cfg.replug_grace;
+            match self.finished[i].1 {
+                // Never left, or back quickly: the finished Mac itself.
+                None => return,
+                Some(left) if left.elapsed() < grace => {
+                    self.finished[i].1 = None;
+                    return;
+                }
+                Some(_) => {
+                    self.finished.remove(i);
+                }
+            }
         }
         if let Some(p) = self.pending.iter_mut().find(|p| p.location == dev.location) {
             *p = dev;
@@ -382,7 +401,7 @@ impl Running {
             .values()
             .any(|s| s.device.location == dev.location)
             || self.pending.iter().any(|p| p.location == dev.location)
-            || self.finished.contains(&dev.location)
+            || self.finished.iter().any(|(l, _)| *l == dev.location)
         {
             return;
         }
@@ -562,7 +581,7 @@ impl Running {
             "engine": engine_report,
         });
         let port = row.port.clone();
-        self.finished.push(slot.device.location.clone());
+        self.finished.push((slot.device.location.clone(), None));
         let line = match self.store.report(&ecid_label, &report) {
             Ok(Some(path)) => {
                 self.summary
