@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use restore_agent::identity;
-use restore_agent::station::api::{erase_code, EngineEvent, EraseConfirmer, EraseDecision, Stage};
+use restore_agent::engine::{self, EngineConfig};
+use restore_agent::station::api::{erase_code, EngineEvent, EraseConfirmer, EraseDecision};
 use restore_agent::station::confirm::{
     ArmingConfirmer, ConsoleConfirmer, GpioConfirmer, NoConfirmer,
 };
@@ -111,7 +111,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => (
             Arc::new(RusbBus::new().context("cannot access USB")?),
-            Arc::new(EngineJob),
+            Arc::new(EngineJob {
+                cfg: Arc::new(EngineConfig {
+                    cache_dir: args.cache.clone(),
+                    ..EngineConfig::default()
+                }),
+            }),
             true,
         ),
     };
@@ -146,46 +151,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The per-Mac job in production. Until the restore engine is merged into this build it
-/// identifies the Mac and stops with a message saying so.
-struct EngineJob;
+/// The per-Mac job in production: the restore engine.
+struct EngineJob {
+    cfg: Arc<EngineConfig>,
+}
 
 impl MacJob for EngineJob {
     fn start(
         &self,
         bus: Arc<dyn UsbBus>,
         device: DeviceInfo,
-        _confirmer: Arc<dyn EraseConfirmer>,
+        confirmer: Arc<dyn EraseConfirmer>,
         events: UnboundedSender<EngineEvent>,
     ) -> JobFuture {
+        let cfg = Arc::clone(&self.cfg);
         Box::pin(async move {
-            let _ = events.send(EngineEvent::Stage {
-                stage: Stage::Identify,
-            });
-            let probed =
-                tokio::task::spawn_blocking(move || identity::probe(bus.as_ref(), &device)).await;
-            match probed {
-                Ok(Ok(id)) => {
-                    if let (Some(ecid), Ok(model)) = (id.ecid, id.require_model()) {
-                        let _ = events.send(EngineEvent::Identified {
-                            ecid,
-                            product_type: model.product_type.to_string(),
-                            board: model.board_config.to_string(),
-                            name: model.name.to_string(),
-                        });
-                    }
-                }
-                Ok(Err(e)) => {
-                    let _ = events.send(EngineEvent::Message(e.to_string()));
-                }
-                Err(_) => {}
-            }
-            let _ = events.send(EngineEvent::Failed {
-                cause: "this build of restore-agent has no restore engine".into(),
-                next_step: "use a macrescue image built with the engine".into(),
-                erase_could_fix: false,
-            });
-            json!({ "engine": "absent" })
+            let report = engine::restore_mac(cfg, bus, device, confirmer, events).await;
+            serde_json::to_value(&report).unwrap_or_else(
+                |e| json!({ "error": format!("the engine's report could not be serialised: {e}") }),
+            )
         })
     }
 }

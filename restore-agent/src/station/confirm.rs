@@ -151,7 +151,7 @@ impl EraseConfirmer for ConsoleConfirmer {
                     .trim()
                     .to_string();
                 let name = ports[i].name.clone();
-                let decision = if typed == code {
+                let decision = if typed.eq_ignore_ascii_case(code) {
                     EraseDecision::Confirmed {
                         how: format!("code typed at {name}"),
                         at: SystemTime::now(),
