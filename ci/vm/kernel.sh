@@ -6,13 +6,16 @@
 #   out/vm/ARCH/modules/      lib/modules/KV with the vhci-hcd closure + depmod output
 #   out/vm/ARCH/busybox       static busybox
 #   out/vm/ARCH/kernel.version
+#   out/vm/ARCH/vmlinuz       the kernel as Debian ships it (EFI-stub bzImage / Image), for images
+# env: MACRESCUE_VM_MODULES (vhci-hcd) modules whose closure to keep
+#      MACRESCUE_KERNEL_DEST           output dir instead of out/vm/ARCH (image/ keeps its own set)
 # Downloads are cached in out/cache/debs; re-running with the same kernel does nothing.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 ARCH="$(vm_arch "${1:-x86_64}")"
 DEB_ARCH="$(deb_arch "$ARCH")"
-DEST="$VM_OUT/vm/$ARCH"
+DEST="${MACRESCUE_KERNEL_DEST:-$VM_OUT/vm/$ARCH}"
 DEBS="$VM_CACHE/debs"
 # The modules whose closure the guest needs (usb-common, usbcore, usbip-core come as deps).
 MODULES="${MACRESCUE_VM_MODULES:-vhci-hcd}"
@@ -45,7 +48,7 @@ VERSION="$(apt-cache policy "$PKG$SUFFIX" | awk '/Candidate:/ { print $2; exit }
 KV="${PKG#linux-image-}"
 STAMP="$PKG $VERSION $MODULES"
 
-if [[ -f "$DEST/.stamp" && "$(cat "$DEST/.stamp")" == "$STAMP" && -f "$DEST/kernel" ]]; then
+if [[ -f "$DEST/.stamp" && "$(cat "$DEST/.stamp")" == "$STAMP" && -f "$DEST/kernel" && -f "$DEST/vmlinuz" ]]; then
     log "up to date: $PKG $VERSION in $DEST"
     exit 0
 fi
@@ -95,6 +98,7 @@ log "modules: $(cd "$DST_MOD" && find . -name '*.ko*' -printf '%f ' )"
 
 VMLINUZ="$(find "$WORK/k/boot" -name "vmlinuz-$KV" | head -1)"
 [[ -f "$VMLINUZ" ]] || die "no /boot/vmlinuz-$KV in $KDEB"
+cp "$VMLINUZ" "$DEST/vmlinuz"
 if [[ "$ARCH" == x86_64 ]]; then
     # The bzImage spends most of its TCG boot time in the decompressor; the payload inside is
     # a plain ELF vmlinux that QEMU can start directly through its PVH entry point.

@@ -46,6 +46,14 @@ pub enum HttpError {
 impl HttpConfig {
     /// A reqwest client with our TLS roots, proxy and timeouts.
     pub fn client(&self) -> Result<reqwest::Client, HttpError> {
+        self.builder()?
+            .build()
+            .map_err(|e| HttpError::Client(e.to_string()))
+    }
+
+    /// The configured builder, for clients that need more (the downloader forces HTTP/1.1 so
+    /// its parallel ranges are separate TCP connections, each with its own CDN rate limit).
+    pub fn builder(&self) -> Result<reqwest::ClientBuilder, HttpError> {
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
             .user_agent(self.user_agent.clone())
@@ -65,7 +73,7 @@ impl HttpConfig {
             // by its config file, and tests must never leave loopback.
             None => b = b.no_proxy(),
         }
-        b.build().map_err(|e| HttpError::Client(e.to_string()))
+        Ok(b)
     }
 }
 

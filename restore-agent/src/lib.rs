@@ -10,6 +10,7 @@ pub mod bootchain;
 pub mod catalog;
 pub mod catalog_fetch;
 pub mod dfu;
+pub mod download;
 pub mod engine;
 pub mod http;
 pub mod identity;

@@ -35,6 +35,8 @@ enum Command {
     Firmwares(cmd::firmwares::Args),
     /// Restore every Mac plugged in, with a dashboard and a report per Mac (the image runs this).
     Station(cmd::station::Args),
+    /// Download a firmware file into the cache (parallel, resumable, SHA-1 checked).
+    Download(cmd::download::Args),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => cmd::plan::run(a),
         Command::Firmwares(a) => cmd::firmwares::run(a),
         Command::Station(a) => cmd::station::run(a),
+        Command::Download(a) => cmd::download::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

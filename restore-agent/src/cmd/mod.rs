@@ -2,6 +2,7 @@
 
 pub mod bootchain;
 pub mod devices;
+pub mod download;
 pub mod firmwares;
 pub mod identify;
 pub mod plan;

@@ -79,6 +79,8 @@ enum Cmd {
         #[arg(long)]
         fast: bool,
     },
+    /// Serve files like Apple's firmware CDN (ranges, per-connection rate limit, faults).
+    Cdn(CdnArgs),
     /// Write a boot chain (iBSS, iBEC, … as the simulated iBoot accepts them) for a board.
     MakeBootchain {
         #[arg(long)]
@@ -140,6 +142,88 @@ enum Cmd {
     },
     /// Serve a simulated firmware catalog (Apple mesu XML + ipsw.me v4 JSON) until killed.
     Catalog(mac_sim::services::catalog::CliArgs),
+}
+
+#[derive(clap::Args)]
+struct CdnArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Serve every file in this directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// NAME:SIZE[:SEED] — a generated file (SIZE accepts K/M/G), repeatable.
+    #[arg(long)]
+    generate: Vec<String>,
+    /// Per-connection limit in bytes per second (K/M/G suffixes).
+    #[arg(long)]
+    rate: Option<String>,
+    /// drop-at=OFFSET[:TIMES], drop-every=N:AFTER, stall-at=OFFSET[:MS|forever[:TIMES]],
+    /// wrong-bytes=OFFSET:LEN, html200, html200-every=N, 503=COUNT, slow=NTH:RATE.
+    #[arg(long = "fault")]
+    faults: Vec<String>,
+    /// Serve HTTPS with a freshly generated test CA.
+    #[arg(long)]
+    tls: bool,
+    /// Write the test CA certificate (PEM) here (with --tls).
+    #[arg(long)]
+    ca_out: Option<PathBuf>,
+}
+
+fn run_cdn(a: CdnArgs) -> Result<()> {
+    use mac_sim::services::cdn::{parse_size, Cdn, CdnConfig, CdnFile, Fault};
+    let mut config = CdnConfig::default();
+    if let Some(dir) = &a.dir {
+        config
+            .add_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?;
+    }
+    for g in &a.generate {
+        let mut parts = g.split(':');
+        let (Some(name), Some(size)) = (parts.next(), parts.next()) else {
+            bail!("--generate {g:?}: expected NAME:SIZE[:SEED]");
+        };
+        let size = parse_size(size).with_context(|| format!("--generate {g:?}: bad size"))?;
+        let seed = match parts.next() {
+            Some(s) => s
+                .parse()
+                .with_context(|| format!("--generate {g:?}: bad seed"))?,
+            None => 1,
+        };
+        config.files.push(CdnFile::generated(name, size, seed));
+    }
+    if config.files.is_empty() {
+        bail!("nothing to serve: give --dir or --generate");
+    }
+    config.rate = match &a.rate {
+        Some(r) => Some(parse_size(r).with_context(|| format!("--rate {r:?} is not a size"))?),
+        None => None,
+    };
+    config.faults = a
+        .faults
+        .iter()
+        .map(|f| Fault::parse(f))
+        .collect::<Result<_, _>>()?;
+    let tls = if a.tls {
+        let pki = mac_sim::services::pki::TestPki::generate(&[])?;
+        if let Some(out) = &a.ca_out {
+            std::fs::write(out, &pki.ca_pem)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+        }
+        Some(pki.server_config)
+    } else {
+        None
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let files: Vec<String> = config.files.iter().map(|f| f.name.clone()).collect();
+        let cdn = Cdn::start(a.listen, tls, config).await?;
+        for f in files {
+            println!("{}", cdn.url(&f));
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        std::future::pending::<Result<()>>().await
+    })
 }
 
 fn parse_ecid(s: &str) -> Result<u64> {
@@ -213,6 +297,7 @@ fn main() -> Result<()> {
             mac_sim::usbip::serve(devices, mac_sim::usbip::ExportOptions::new(listen, attach))
                 .context("USB/IP server failed")?;
         }
+        Cmd::Cdn(a) => run_cdn(a)?,
         Cmd::MakeBootchain { board, out } => {
             let board = Board::load(&board)?;
             let paths = mac_sim::images::write_bootchain(&board, &out)

@@ -11,8 +11,31 @@ use plist::{Dictionary, Value};
 use sha2::{Digest, Sha384};
 use zip::CompressionMethod;
 
-fn temp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("mac-sim-{}-{name}", std::process::id()))
+/// A temporary output path removed when dropped, so a failing test (or a full disk) does not
+/// leave multi-GiB sparse IPSWs behind.
+struct TempPath(PathBuf);
+
+impl std::ops::Deref for TempPath {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempPath {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp(name: &str) -> TempPath {
+    TempPath(std::env::temp_dir().join(format!("mac-sim-{}-{name}", std::process::id())))
 }
 
 fn read_entry(z: &mut zip::ZipArchive<File>, name: &str) -> Vec<u8> {
@@ -148,7 +171,6 @@ fn small_ipsw_has_the_real_layout_and_consistent_digests() {
         m.signed_set,
         m.signature.unwrap()
     ));
-    std::fs::remove_file(&out).unwrap();
 }
 
 #[test]
@@ -168,7 +190,6 @@ fn deflated_os_image_reads_back() {
         read_entry(&mut z, &s.os_paths[0]),
         os_expected(300_001, false)
     );
-    std::fs::remove_file(&out).unwrap();
 }
 
 fn u32_at(b: &[u8], i: usize) -> u32 {
@@ -221,7 +242,6 @@ fn forced_zip64_records_on_a_small_file() {
         os_expected(100_000, false)
     );
     check_components(&mut z, &s.manifest, &s.os_paths);
-    std::fs::remove_file(&out).unwrap();
 }
 
 /// A > 4 GiB OS image: sparse on disk (a few MiB), headers and offsets checked, content
@@ -302,5 +322,4 @@ fn os_image_over_4_gib_uses_zip64() {
         off += z;
     }
     assert_eq!(h.finalize(), crc);
-    std::fs::remove_file(&out).unwrap();
 }

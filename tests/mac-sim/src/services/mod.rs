@@ -5,6 +5,7 @@
 //! about content. `pki` makes a throwaway test CA and server certificate at run time.
 
 pub mod catalog;
+pub mod cdn;
 pub mod http;
 pub mod pki;
 pub mod tss;

@@ -1,0 +1,71 @@
+//! Hotplug without udev: the kernel's uevent multicast on a netlink socket (edge).
+//!
+//! The socket is opened before coldplug so no device added while coldplug runs is missed.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use nix::sys::socket::{
+    bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+    SockProtocol, SockType,
+};
+use tracing::{debug, info, warn};
+
+use crate::kmod::Loader;
+use crate::uevent::Uevent;
+
+/// Multicast group 1 carries the kernel's own events (udevd's re-broadcast is group 2).
+const KERNEL_GROUP: u32 = 1;
+
+pub struct UeventSocket(OwnedFd);
+
+impl UeventSocket {
+    pub fn open() -> nix::Result<Self> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkKObjectUEvent,
+        )?;
+        // Loading one host controller adds dozens of devices at once; a small buffer would drop
+        // events (ENOBUFS) and with them the drivers those devices needed.
+        if setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20)).is_err() {
+            let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
+        }
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, KERNEL_GROUP))?;
+        Ok(Self(fd))
+    }
+
+    /// Load drivers for every device the kernel announces, forever, on its own thread.
+    pub fn spawn(self, loader: Arc<Loader>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("hotplug".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                        Ok(n) => match Uevent::parse(&buf[..n]) {
+                            Ok(ev) => {
+                                if let Some(alias) = ev.modalias_to_load() {
+                                    if loader.load_alias(alias) > 0 {
+                                        info!("hotplug: drivers for {} ({alias})", ev.devpath);
+                                    }
+                                }
+                            }
+                            Err(e) => debug!("{e}"),
+                        },
+                        // Overrun: events were lost; a rescan catches their devices.
+                        Err(nix::errno::Errno::ENOBUFS) => {
+                            warn!("uevent buffer overrun; rescanning devices");
+                            loader.coldplug(std::path::Path::new("/sys/devices"));
+                        }
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => {
+                            warn!("uevent socket failed ({e}); hotplugged devices will get no drivers");
+                            return;
+                        }
+                    }
+                }
+            })
+    }
+}

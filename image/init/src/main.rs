@@ -1,0 +1,425 @@
+//! macrescue-init: the rescue image's PID 1, and its `/sbin/modprobe` for the kernel.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use std::os::fd::AsFd;
+
+use anyhow::Context;
+use macrescue_init::backoff::Backoff;
+use macrescue_init::consoles::{parse_proc_consoles, ConsoleWriter, Consoles};
+use macrescue_init::hotplug::UeventSocket;
+use macrescue_init::kmod::Loader;
+use macrescue_init::settings::Settings;
+use macrescue_init::shutdown::{self, Action};
+use macrescue_init::{cmdline, config, datapart, markers, mounts, netif, supervisor};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tracing::{debug, info, warn};
+
+const DATA_DIR: &str = "/data";
+const CONFIG: &str = "/data/macrescue/config.toml";
+
+fn main() {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.rsplit('/').next() == Some("modprobe") {
+        std::process::exit(modprobe_helper(std::env::args().skip(1).collect()));
+    }
+    if std::process::id() != 1 {
+        eprintln!(
+            "macrescue-init must run as PID 1 (the kernel starts it as /init); \
+             invoked as /sbin/modprobe it loads kernel modules"
+        );
+        std::process::exit(2);
+    }
+    if let Err(e) = run() {
+        // PID 1 must never exit (the kernel would panic): report and keep the machine up so
+        // the message stays on screen.
+        eprintln!("macrescue-init: {e:#}");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// The kernel runs `/sbin/modprobe -q -- NAME` for request_module() (fs-exfat, nls_utf8…).
+fn modprobe_helper(args: Vec<String>) -> i32 {
+    let quiet = args.iter().any(|a| a == "-q" || a == "--quiet");
+    let names: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let loader =
+        Loader::open(Path::new("/"), release.trim()).with_params(cmdline::module_params(&line));
+    let mut rc = 0;
+    for name in names {
+        if let Err(e) = loader.load_name_or_alias(name) {
+            if !quiet {
+                eprintln!("modprobe: {e}");
+            }
+            rc = 1;
+        }
+    }
+    rc
+}
+
+fn run() -> anyhow::Result<()> {
+    mounts::early();
+    let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmd = cmdline::parse(&line);
+    let mut names =
+        parse_proc_consoles(&std::fs::read_to_string("/proc/consoles").unwrap_or_default());
+    if names.is_empty() {
+        names = cmd.consoles.clone();
+    }
+    // Leaked on purpose: the console set lives as long as PID 1, and the logger needs 'static.
+    let consoles: &'static Consoles = Box::leak(Box::new(Consoles::open(&names)));
+    let mut settings = Settings::default();
+    let mut setting_errors = Vec::new();
+    for (k, v) in &cmd.settings {
+        if let Err(e) = settings.apply(k, v) {
+            setting_errors.push(e);
+        }
+    }
+    let debug_enabled = settings.debug;
+    tracing_subscriber::fmt()
+        .with_writer(move || ConsoleWriter(consoles))
+        .with_max_level(if debug_enabled {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::INFO
+        })
+        .without_time()
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+    info!(
+        "macrescue-init {} on consoles {:?}, {:.2} s after kernel start",
+        env!("CARGO_PKG_VERSION"),
+        consoles.names(),
+        uptime()
+    );
+    for e in setting_errors {
+        warn!("kernel command line: {e}");
+    }
+
+    // Signals are taken synchronously through a signalfd; threads started after this inherit
+    // the mask, children get a clean one from std::process.
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block().context("cannot block signals")?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .context("cannot create a signalfd")?;
+    // Ctrl-Alt-Del becomes SIGINT for us instead of an immediate hard reboot.
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        warn!("cannot route Ctrl-Alt-Del to the init: {e}");
+    }
+    if let Err(e) = netif::loopback_up() {
+        warn!("cannot bring up lo: {e}");
+    }
+
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let _ = std::fs::write("/proc/sys/kernel/modprobe", "/sbin/modprobe");
+    let loader = Arc::new(
+        Loader::open(Path::new("/"), release.trim()).with_params(cmdline::module_params(&line)),
+    );
+    match UeventSocket::open() {
+        Ok(sock) => {
+            if let Err(e) = sock.spawn(loader.clone()) {
+                warn!("cannot start the hotplug thread: {e}");
+            }
+        }
+        Err(e) => warn!("cannot listen for uevents ({e}); hotplugged devices will get no drivers"),
+    }
+    for m in &settings.modules {
+        if let Err(e) = loader.load_name_or_alias(m) {
+            warn!("{e}");
+        }
+    }
+    let t = Instant::now();
+    let matched = loader.coldplug(Path::new("/sys/devices"));
+    info!(
+        "coldplug: {matched} driver matches in {} ms",
+        t.elapsed().as_millis()
+    );
+
+    let data = settings
+        .data_label
+        .clone()
+        .and_then(|label| mount_data(&label, settings.data_wait, &loader, consoles));
+    if data.is_some() {
+        match std::fs::read_to_string(CONFIG) {
+            Ok(text) => {
+                let (entries, errors) = config::parse(&text);
+                for e in errors {
+                    warn!("{CONFIG}: {e}");
+                }
+                for e in settings.apply_config(&entries) {
+                    warn!("{CONFIG}: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                debug!("no {CONFIG}; using the image's settings")
+            }
+            Err(e) => warn!("cannot read {CONFIG}: {e}; using the image's settings"),
+        }
+    }
+    supervise(settings, consoles, sfd, data)
+}
+
+/// Wait for the data partition, mount it at /data and say so on the console.
+fn mount_data(
+    label: &str,
+    wait: Duration,
+    loader: &Loader,
+    consoles: &Consoles,
+) -> Option<PathBuf> {
+    let deadline = Instant::now() + wait;
+    let part = loop {
+        let parts = datapart::scan(Path::new("/sys/class/block"));
+        if let Some(p) = datapart::select(&parts, label) {
+            break p.clone();
+        }
+        if Instant::now() >= deadline {
+            consoles.write_all_consoles(
+                format!(
+                    "{} named {label} (waited {} s); IPSWs will be streamed and nothing kept\n",
+                    markers::NO_DATA,
+                    wait.as_secs()
+                )
+                .as_bytes(),
+            );
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let dev = datapart::node(&part);
+    let mut head = vec![0u8; 4096];
+    let read = std::fs::File::open(&dev).and_then(|mut f| {
+        use std::io::Read;
+        f.read(&mut head)
+    });
+    let fstype = match read.map(|n| datapart::detect_fs(&head[..n])) {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            warn!(
+                "{} (partition {label}) has no exFAT, FAT or ext4 file system; format it as exFAT",
+                dev.display()
+            );
+            return None;
+        }
+        Err(e) => {
+            warn!("cannot read {}: {e}", dev.display());
+            return None;
+        }
+    };
+    // The kernel would ask /sbin/modprobe for fs-TYPE itself; loading first gives a clearer error.
+    if let Err(e) = loader.load_name_or_alias(&format!("fs-{fstype}")) {
+        debug!("{e}");
+    }
+    let target = Path::new(DATA_DIR);
+    match mounts::data(&dev, fstype, target) {
+        Ok(()) => {
+            let _ = std::fs::create_dir_all(target.join("macrescue"));
+            consoles.write_all_consoles(
+                format!(
+                    "{} {} ({fstype}, {label}) at {DATA_DIR}, {:.2} s after kernel start\n",
+                    markers::DATA_MOUNTED,
+                    dev.display(),
+                    uptime()
+                )
+                .as_bytes(),
+            );
+            Some(target.to_path_buf())
+        }
+        Err(e) => {
+            warn!(
+                "cannot mount {} ({fstype}) at {DATA_DIR}: {e}; run a file-system check on it from another computer",
+                dev.display()
+            );
+            None
+        }
+    }
+}
+
+struct Child {
+    pid: Option<Pid>,
+    started: Instant,
+    restart_at: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Child {
+    fn new(max: Duration) -> Self {
+        Self {
+            pid: None,
+            started: Instant::now(),
+            restart_at: Some(Instant::now()),
+            backoff: Backoff::new(Duration::from_millis(500), max, Duration::from_secs(60)),
+        }
+    }
+
+    fn exited(&mut self, what: &str, how: &str) {
+        let ran = self.started.elapsed();
+        let delay = self.backoff.on_exit(ran);
+        warn!(
+            "{what} {how} after {:.1} s; restarting in {:.1} s",
+            ran.as_secs_f32(),
+            delay.as_secs_f32()
+        );
+        self.pid = None;
+        self.restart_at = Some(Instant::now() + delay);
+    }
+}
+
+fn supervise(
+    settings: Settings,
+    consoles: &'static Consoles,
+    sfd: SignalFd,
+    data: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let consoles_arc = Arc::new(Consoles::open(&consoles.names()));
+    let data_str = data.as_ref().and_then(|d| d.to_str()).map(str::to_string);
+    let mut station = Child::new(settings.restart_max);
+    let mut ready_reported = false;
+    let shell_tty = settings
+        .shell
+        .clone()
+        .filter(|_| supervisor::shell_available())
+        .filter(|t| Path::new("/dev").join(t).exists());
+    let mut shell = shell_tty.as_ref().map(|_| Child::new(settings.restart_max));
+    if let Some(t) = &shell_tty {
+        info!("emergency shell on {t}");
+    }
+    loop {
+        let now = Instant::now();
+        if station.pid.is_none() && station.restart_at.is_some_and(|t| t <= now) {
+            station.started = now;
+            ready_reported = false;
+            match supervisor::spawn_station(
+                &settings.station,
+                consoles_arc.clone(),
+                data_str.as_deref(),
+            ) {
+                Ok(pid) => {
+                    info!(
+                        "started station {:?} (pid {pid})",
+                        settings.station.join(" ")
+                    );
+                    station.pid = Some(pid);
+                    station.restart_at = None;
+                }
+                Err(e) => {
+                    supervisor::explain_spawn_error("station", &settings.station, &e);
+                    station.exited("station", "could not start");
+                }
+            }
+        }
+        if let (Some(sh), Some(tty)) = (shell.as_mut(), shell_tty.as_deref()) {
+            if sh.pid.is_none() && sh.restart_at.is_some_and(|t| t <= now) {
+                sh.started = now;
+                match supervisor::spawn_shell(tty) {
+                    Ok(pid) => {
+                        sh.pid = Some(pid);
+                        sh.restart_at = None;
+                    }
+                    Err(e) => {
+                        warn!("emergency shell on {tty}: {e}");
+                        sh.exited("shell", "could not start");
+                    }
+                }
+            }
+        }
+        if let Some(pid) = station.pid {
+            if !ready_reported && station.started.elapsed() >= settings.ready_after {
+                consoles.write_all_consoles(
+                    format!(
+                        "{} {:.2} s after kernel start (pid {pid}: {})\n",
+                        markers::STATION_READY,
+                        uptime(),
+                        settings.station.join(" ")
+                    )
+                    .as_bytes(),
+                );
+                ready_reported = true;
+            }
+        }
+
+        let mut wake: Vec<Instant> = [
+            station.restart_at,
+            shell.as_ref().and_then(|s| s.restart_at),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if station.pid.is_some() && !ready_reported {
+            wake.push(station.started + settings.ready_after);
+        }
+        let timeout = match wake.into_iter().min() {
+            Some(t) => {
+                let ms = t.saturating_duration_since(Instant::now()).as_millis();
+                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => warn!("poll: {e}"),
+        }
+        while let Ok(Some(info)) = sfd.read_signal() {
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
+            if let Some(action) = Action::for_signal(sig) {
+                shutdown::run(action, data.as_deref());
+            }
+            if sig == Signal::SIGHUP {
+                info!("SIGHUP: restarting the station");
+                if let Some(pid) = station.pid {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+                }
+            }
+        }
+        reap(&mut station, shell.as_mut());
+    }
+}
+
+/// Seconds since the kernel started (the boot-time figure that excludes the firmware).
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Collect every exited process (PID 1 inherits all orphans) and note our own children.
+fn reap(station: &mut Child, mut shell: Option<&mut Child>) {
+    loop {
+        let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with status {code}")),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, format!("was killed by {sig}")),
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => continue,
+        };
+        if station.pid == Some(pid) {
+            station.exited("station", &how);
+        } else if let Some(sh) = shell.as_deref_mut().filter(|s| s.pid == Some(pid)) {
+            sh.exited("emergency shell", &how);
+        } else {
+            debug!("reaped pid {pid} ({how})");
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Starting the station and the emergency shell (edge: processes).
+//!
+//! The init does not use `Child::wait`: as PID 1 it reaps every process in one place (SIGCHLD →
+//! `waitpid(-1)`), and recognises its own children by pid.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use nix::unistd::Pid;
+use tracing::warn;
+
+use crate::consoles::Consoles;
+
+const PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
+
+/// Start the station with its stdout and stderr copied to every console.
+pub fn spawn_station(
+    argv: &[String],
+    consoles: Arc<Consoles>,
+    data_dir: Option<&str>,
+) -> std::io::Result<Pid> {
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("empty station command"))?;
+    let (read, write) = nix::unistd::pipe()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", PATH)
+        .env("HOME", data_dir.unwrap_or("/tmp"))
+        .env("TERM", "linux")
+        .current_dir(data_dir.unwrap_or("/tmp"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write.try_clone()?))
+        .stderr(Stdio::from(write));
+    if let Some(d) = data_dir {
+        cmd.env("MACRESCUE_DATA", d);
+    }
+    unblock_signals_in_child(&mut cmd);
+    let child = cmd.spawn()?;
+    // The write ends now live only in the child (Command dropped them), so the copier sees EOF
+    // when the station and anything it started are gone.
+    drop(cmd);
+    let mut read = File::from(read);
+    std::thread::Builder::new()
+        .name("station-output".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = read.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                consoles.write_all_consoles(&buf[..n]);
+            }
+        })?;
+    Ok(Pid::from_raw(child.id() as i32))
+}
+
+/// Start `/bin/sh` on `/dev/TTY` as a session leader with that tty as its controlling terminal.
+pub fn spawn_shell(tty: &str) -> std::io::Result<Pid> {
+    let path = format!("/dev/{tty}");
+    let open =
+        || -> std::io::Result<File> { OpenOptions::new().read(true).write(true).open(&path) };
+    let (stdin, stdout, stderr) = (open()?, open()?, open()?);
+    let mut cmd = Command::new("/bin/sh");
+    cmd.env_clear()
+        .env("PATH", PATH)
+        .env("HOME", "/")
+        .env("TERM", "linux")
+        .current_dir("/")
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr);
+    unblock_signals_in_child(&mut cmd);
+    // SAFETY: runs in the forked child before exec and calls only async-signal-safe functions
+    // (setsid, ioctl) on the child's own fds.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            // Make stdin's tty the controlling terminal so Ctrl-C reaches the shell's jobs.
+            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY as _, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    Ok(Pid::from_raw(child.id() as i32))
+}
+
+/// PID 1 blocks the signals it takes through its signalfd, and a blocked mask survives exec:
+/// without this the station and the shell would ignore SIGTERM/SIGHUP at shutdown (seen in the
+/// boot test: both had to be SIGKILLed).
+fn unblock_signals_in_child(cmd: &mut Command) {
+    // SAFETY: runs in the forked child before exec; pthread_sigmask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::signal::SigSet::all().thread_unblock()?;
+            Ok(())
+        });
+    }
+}
+
+/// Whether the image carries a shell at all (the minimal image does not).
+pub fn shell_available() -> bool {
+    std::path::Path::new("/bin/sh").exists()
+}
+
+/// Log why a spawn failed in words a technician can act on.
+pub fn explain_spawn_error(what: &str, argv: &[String], e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        warn!(
+            "{what}: {:?} is not in this image (looked in {PATH}); check macrescue.station / [init] station",
+            argv.first().map(String::as_str).unwrap_or("")
+        );
+    } else {
+        warn!("{what}: cannot start {argv:?}: {e}");
+    }
+}
