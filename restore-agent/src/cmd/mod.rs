@@ -6,3 +6,4 @@ pub mod download;
 pub mod firmwares;
 pub mod identify;
 pub mod plan;
+pub mod station;
