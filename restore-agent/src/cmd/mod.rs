@@ -5,3 +5,4 @@ pub mod devices;
 pub mod firmwares;
 pub mod identify;
 pub mod plan;
+pub mod restore;
