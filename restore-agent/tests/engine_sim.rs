@@ -85,7 +85,7 @@ struct Env {
 
 /// The fixture manifests are software-update (preflight) manifests with one bootable identity;
 /// a full IPSW has Erase, Upgrade and `macOS Customer` identities (§10). Derive them from it.
-fn full_manifest(dir: &std::path::Path) -> PathBuf {
+fn full_manifest(dir: &std::path::Path, newer: Option<&str>) -> PathBuf {
     let fixture = shared().join(
         "fixtures/manifests/macOS_26.2_25C56_PreflightBuildManifests/J274AP.BuildManifest.plist",
     );
@@ -100,6 +100,13 @@ fn full_manifest(dir: &std::path::Path) -> PathBuf {
         .clone();
     let with = |variant: &str, behavior: &str| {
         let mut id = base.clone();
+        if newer.is_some() {
+            // Another build has another UniqueBuildID: the simulated TSS does not know it.
+            let ubid = id.get_mut("UniqueBuildID").unwrap();
+            if let plist::Value::Data(d) = ubid {
+                d[0] ^= 0xFF;
+            }
+        }
         let info = id.get_mut("Info").unwrap().as_dictionary_mut().unwrap();
         info.insert("Variant".into(), variant.into());
         info.insert("RestoreBehavior".into(), behavior.into());
@@ -114,7 +121,11 @@ fn full_manifest(dir: &std::path::Path) -> PathBuf {
             with("macOS Customer", "Erase"),
         ]),
     );
-    let out = dir.join("BuildManifest.plist");
+    if let Some(build) = newer {
+        m.insert("ProductBuildVersion".into(), build.into());
+        m.insert("ProductVersion".into(), "26.3".into());
+    }
+    let out = dir.join(format!("BuildManifest-{}.plist", newer.unwrap_or("base")));
     plist::to_file_xml(&out, &m).unwrap();
     out
 }
@@ -159,7 +170,7 @@ fn env(tag: &str) -> Env {
     let ipsw = dir.0.join(IPSW_NAME);
     let mut opts = IpswOptions::new(BOARD);
     opts.os_size = OS_SIZE;
-    opts.manifest = Some(full_manifest(&dir.0));
+    opts.manifest = Some(full_manifest(&dir.0, None));
     let summary = make_ipsw(&opts, &ipsw).unwrap();
     add_bootability_bundle(&ipsw);
     // The image the simulated ASR sink compares against: the IPSW's own OS entry.
@@ -282,6 +293,16 @@ impl Env {
 fn mac(
     env: &Env,
     start: StartMode,
+    scenarios: Vec<Scenario>,
+    boots: Arc<Mutex<Vec<RestoreHandle>>>,
+) -> SimMac {
+    mac_with(env, start, Faults::default(), scenarios, boots)
+}
+
+fn mac_with(
+    env: &Env,
+    start: StartMode,
+    faults: Faults,
     scenarios: Vec<Scenario>,
     boots: Arc<Mutex<Vec<RestoreHandle>>>,
 ) -> SimMac {
@@ -653,4 +674,112 @@ fn a_mac_in_recovery_is_a_named_failure() {
         })
     ));
     assert!(boots.lock().unwrap().is_empty());
+}
+
+#[test]
+fn latest_skips_a_build_apple_no_longer_signs() {
+    let env = env("latest");
+    let cache = env.dir.0.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    // The newest build in the catalog (26.3, 25D99) is unknown to the signing server.
+    let newest_name = "UniversalMac_26.3_25D99_Restore.ipsw";
+    let mut opts = IpswOptions::new(BOARD);
+    opts.os_size = 4096;
+    opts.manifest = Some(full_manifest(&env.dir.0, Some("25D99")));
+    make_ipsw(&opts, &cache.join(newest_name)).unwrap();
+    std::fs::copy(&env.ipsw, cache.join(IPSW_NAME)).unwrap();
+    let catalog = CatalogService::from_builds(vec![
+        CatalogBuild {
+            product_type: "Macmini9,1".into(),
+            version: "26.3".into(),
+            build: "25D99".into(),
+            url: format!("https://cdn.invalid/{newest_name}"),
+            sha1: None,
+        },
+        CatalogBuild {
+            product_type: "Macmini9,1".into(),
+            version: "26.2".into(),
+            build: "25C56".into(),
+            url: format!("https://cdn.invalid/{IPSW_NAME}"),
+            sha1: None,
+        },
+    ]);
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server = env.rt.block_on(catalog.start(addr, None)).unwrap();
+    let mut cfg = env.config(BuildPin::Latest);
+    cfg.cache_dir = Some(cache);
+    cfg.catalog = CatalogFetchConfig {
+        catalog_url: sim_catalog::mesu_url(&server),
+        fallback_url: None,
+        timeout: Duration::from_secs(5),
+        http: http(),
+    };
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let (report, events) = run(&env, cfg, &usb, never_asked());
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    assert_eq!(report.build.as_deref(), Some("25C56"));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        EngineEvent::Message(m) if m.contains("25D99") && m.contains("no longer signed")
+    )));
+    assert_eq!(
+        boots.lock().unwrap()[0].wait(Duration::from_secs(5)),
+        SimOutcome::Succeeded
+    );
+}
+
+#[test]
+fn a_mac_in_port_dfu_is_a_named_failure() {
+    let env = env("portdfu");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::PortDfu,
+        vec![],
+        boots.clone(),
+    )));
+    let (report, _) = run(&env, env.config(env.ipsw_pin()), &usb, never_asked());
+    let f = report.failure.as_ref().unwrap();
+    assert!(f.cause.contains("Port DFU"), "{}", f.cause);
+    assert!(f.next_step.contains("DFU port"), "{}", f.next_step);
+    assert!(!f.erase_could_fix);
+    assert!(boots.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_usb_drop_in_stage_2_is_a_named_failure_and_never_asks_to_erase() {
+    let env = env("drop");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    let faults = Faults {
+        disconnect_at: Some(mac_sim::faults::Stage::Stage2),
+        ..Faults::default()
+    };
+    usb.plug(Box::new(mac_with(
+        &env,
+        StartMode::Dfu,
+        faults,
+        vec![],
+        boots.clone(),
+    )));
+    let confirm = never_asked();
+    let (report, events) = run(&env, env.config(env.ipsw_pin()), &usb, confirm.clone());
+    assert!(!report.succeeded());
+    let f = report.failure.as_ref().unwrap();
+    assert!(!f.erase_could_fix, "{f:?}");
+    assert!(
+        f.next_step.contains("cable") || f.next_step.contains("DFU"),
+        "{f:?}"
+    );
+    assert!(stages(&events).contains(&Stage::Stage2));
+    assert!(!stages(&events).contains(&Stage::RestoreMode));
+    assert!(confirm.asked.lock().unwrap().is_empty());
 }
