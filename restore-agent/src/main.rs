@@ -37,6 +37,8 @@ enum Command {
     Station(cmd::station::Args),
     /// Download a firmware file into the cache (parallel, resumable, SHA-1 checked).
     Download(cmd::download::Args),
+    /// Wait for a Mac and restore it: revive first; erase only after the code shown is typed.
+    Restore(cmd::restore::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Firmwares(a) => cmd::firmwares::run(a),
         Command::Station(a) => cmd::station::run(a),
         Command::Download(a) => cmd::download::run(a),
+        Command::Restore(a) => cmd::restore::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,4 +6,5 @@ pub mod download;
 pub mod firmwares;
 pub mod identify;
 pub mod plan;
+pub mod restore;
 pub mod station;

@@ -12,7 +12,7 @@ use crate::asr::ImageSource;
 use crate::bootchain::plan::LOCAL_POLICY;
 use crate::img4;
 use crate::ipsw::{Ipsw, Method, RandomAccess};
-use crate::personalize::{IpswSource, Personalizer};
+use crate::personalize::{IpswSource, Personalizer, TssTransport, TssTransportError};
 use crate::restored::{
     ContextError, LocalPolicyArgs, RestoreContext, RestoreEvent, UrlRequest, UrlResponse,
 };
@@ -45,7 +45,39 @@ impl RandomAccess for SharedFile {
     }
 }
 
-pub type EnginePersonalizer = Personalizer<IpswSource<SharedFile>, BlockingTssClient>;
+pub type EnginePersonalizer = Personalizer<IpswSource<SharedFile>, TssOffRuntime>;
+
+/// The blocking TSS client owns a runtime, which must not be dropped on a runtime thread; the
+/// personalizer is shared with async restore-mode code, so its last owner may be one.
+pub struct TssOffRuntime(Option<BlockingTssClient>);
+
+impl TssOffRuntime {
+    pub fn new(client: BlockingTssClient) -> Self {
+        Self(Some(client))
+    }
+}
+
+impl TssTransport for TssOffRuntime {
+    fn request(&mut self, request_xml: &[u8]) -> Result<Vec<u8>, TssTransportError> {
+        match self.0.as_mut() {
+            Some(c) => TssTransport::request(c, request_xml),
+            None => Err(TssTransportError::Cancelled),
+        }
+    }
+}
+
+impl Drop for TssOffRuntime {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Dropping it here would panic; a short-lived thread drops it instead.
+                let _ = std::thread::Builder::new()
+                    .name("macrescue-tss-drop".into())
+                    .spawn(move || drop(c));
+            }
+        }
+    }
+}
 
 /// Runs blocking work (TSS over the blocking client, IPSW reads) on a plain thread: the
 /// blocking clients refuse to run on a runtime thread, including `spawn_blocking`'s.

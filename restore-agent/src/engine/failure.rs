@@ -14,7 +14,8 @@
 //!   system: `data volume`, `apfs`, `filesystem`/`file system`, `fsck`, `mount`, `container`,
 //!   `partition`, `keybag`, `volume group`, `snapshot` (restored fails `create_system_keybag`,
 //!   `mount_filesystems`, `check_filesystems`, `fixup_var` on an inconsistent data volume);
-//! * the last progress operation before a failure was one of the disk steps of §7.8: 11
+//! * unless the device log names a data request (restored rejected what the host sent), the
+//!   last progress operation before a failure was one of the disk steps of §7.8: 11
 //!   creating partition map, 12 creating filesystem, 15 checking filesystems, 16 mounting
 //!   filesystems, 29 unmounting filesystems, 41 migrating data, 50 creating system keybag,
 //!   52 resizing system partition.
@@ -129,9 +130,12 @@ pub fn restored(e: &RestoredError, trail: &RestoreTrail) -> Failure {
     let cause = e.to_string();
     match e {
         R::DeviceFailed { status, log, .. } => {
+            // A device log that names a data request says restored rejected what this host
+            // sent: erasing the Mac cannot change that, whatever step the disk was at.
+            let host_data = log.as_deref().is_some_and(|l| l.contains("DataRequestMsg"));
             let disk = ERASE_FIXABLE_STATUSES.contains(status)
                 || log.as_deref().is_some_and(mentions_disk)
-                || trail.points_at_disk();
+                || (!host_data && trail.points_at_disk());
             if disk {
                 Failure::new(
                     cause,
@@ -213,6 +217,12 @@ mod tests {
             last_operation: Some(18),
         };
         assert!(!restored(&device_failed(14, None), &t).erase_could_fix);
+        let t = RestoreTrail {
+            failed_checkpoints: vec![],
+            last_operation: Some(12),
+        };
+        let host = device_failed(14, Some("step 18 (DataRequestMsg BootabilityBundle): bad"));
+        assert!(!restored(&host, &t).erase_could_fix);
         let t = RestoreTrail {
             failed_checkpoints: vec!["create_system_keybag: keybag error".into()],
             last_operation: None,

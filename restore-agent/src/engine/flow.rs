@@ -24,7 +24,7 @@ use crate::usb::{DeviceInfo, UsbBus};
 use crate::usbmux::edge::{EdgeConfig, MuxHandle};
 
 use super::context::{
-    lock_pub as lock, off_runtime, EngineContext, EnginePersonalizer, SharedFile,
+    lock_pub as lock, off_runtime, EngineContext, EnginePersonalizer, SharedFile, TssOffRuntime,
 };
 use super::failure::{self, Failure, RestoreTrail};
 use super::report::{CheckpointRecord, EraseRecord, FailureRecord, MacReport};
@@ -32,6 +32,9 @@ use super::{
     erase_code, Behavior, BuildPin, EngineConfig, EngineEvent, EraseConfirmer, EraseDecision,
     PathOrUrl, Stage,
 };
+
+/// How long the usbmux link stays up after the final status was acknowledged.
+const FINAL_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How many catalog builds `--latest` tries before giving up (newest first).
 const MAX_BUILDS_TRIED: usize = 6;
@@ -576,7 +579,12 @@ async fn attempt(run: &mut Run, p: &Prepared, device: &DeviceInfo) -> Result<(),
         })?;
         let tss = BlockingTssClient::new(tss_cfg)
             .map_err(|e| Failure::new(e.to_string(), "check the station's HTTP settings"))?;
-        let mut pz = Personalizer::new(IpswSource::new(ipsw, name), &ident, tss, params);
+        let mut pz = Personalizer::new(
+            IpswSource::new(ipsw, name),
+            &ident,
+            TssOffRuntime::new(tss),
+            params,
+        );
         // Every missing file at once, before the Mac is touched.
         let missing = pz.check_all(boot.iter().map(String::as_str));
         if !missing.is_empty() {
@@ -747,6 +755,12 @@ async fn attempt(run: &mut Run, p: &Prepared, device: &DeviceInfo) -> Result<(),
         Ok(client) => client.restore(params).await,
         Err(e) => Err(e),
     };
+    if result.is_ok() {
+        // The mux delivers accepted bytes on its own threads and has no drain: give the last
+        // message (ReceivedFinalStatusMsg) time to leave before the link is closed. The Mac
+        // reboots by itself afterwards.
+        tokio::time::sleep(FINAL_LINGER).await;
+    }
     mux.shutdown();
     for (name, result) in lock(&ctx.checkpoints).drain(..) {
         run.report.checkpoints.push(CheckpointRecord {

@@ -352,6 +352,9 @@ impl TssService {
     }
 
     fn evaluate_dict(&self, req: &Dictionary) -> Result<Vec<u8>, TssReply> {
+        fn local_policy_request(req: &Dictionary) -> bool {
+            req.contains_key("Ap,LocalPolicy")
+        }
         let get_bool = |k: &str| match req.get(k) {
             Some(Value::Boolean(b)) => Ok(*b),
             Some(_) => Err(TssReply::malformed(format!("{k} is not a boolean"))),
@@ -383,7 +386,13 @@ impl TssService {
         let chip = get_uint("ApChipID")?;
         let board = get_uint("ApBoardID")?;
         let sdom = get_uint("ApSecurityDomain")?;
-        let ubid = get_data("UniqueBuildID")?;
+        // protocol.md §4.6/§4.8: local-policy requests carry no manifest parameters, so they
+        // name no build; they are bound to the main ticket by Ap,NextStageIM4MHash instead.
+        let ubid = if local_policy_request(req) && !req.contains_key("UniqueBuildID") {
+            None
+        } else {
+            Some(get_data("UniqueBuildID")?)
+        };
         let modes = Modes {
             production: get_bool("ApProductionMode")?,
             security: get_bool("ApSecurityMode")?,
@@ -404,6 +413,29 @@ impl TssService {
             None => None,
         };
 
+        if ubid.is_none() {
+            if let Some(allow) = &self.config.ecid_allow {
+                if !allow.contains(&ecid) {
+                    tracing::info!("TSS: ECID {ecid:#x} is not allowed");
+                    return Err(TssReply::not_eligible());
+                }
+            }
+            let mut spec = TicketSpec {
+                chip: chip as u32,
+                board: board as u32,
+                ecid,
+                security_domain: sdom as u32,
+                production: modes.production,
+                security: modes.security,
+                ap_nonce,
+                sep_nonce,
+                extra: Vec::new(),
+                components: Vec::new(),
+            };
+            local_policy_ticket(req, local_boot, &mut spec)?;
+            return Ok(ticket::sign_im4m(&spec));
+        }
+        let ubid = ubid.unwrap_or_default();
         // The build and identity.
         let mut found = None;
         for m in &self.config.manifests {

@@ -1,0 +1,780 @@
+//! The restore engine end to end against the simulated Mac: DFU → stage 1 → stage 2 → restore
+//! mode → final status, with tickets from mac-sim's TSS (which signs with the key the simulated
+//! Mac trusts), an IPSW from `make_ipsw`, and restored playing the shipped scenarios.
+//!
+//! Also: revive fails with a disk error → the confirmer is asked → erase only when confirmed;
+//! TSS 94 and a Mac in Recovery are named failures.
+
+mod support;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use mac_sim::board::Board;
+use mac_sim::device::{SimMac, Timing};
+use mac_sim::faults::{Faults, StartMode};
+use mac_sim::ipsw::{make_ipsw, IpswOptions};
+use mac_sim::restore::restored::Outcome as SimOutcome;
+use mac_sim::restore::scenario::{Scenario, Step};
+use mac_sim::restore::{RestoreConfig as SimRestoreConfig, RestoreHandle, RestoreOs};
+use mac_sim::services::catalog::{self as sim_catalog, CatalogBuild, CatalogService};
+use mac_sim::services::http::Server;
+use mac_sim::services::tss::{TssConfig, TssService};
+use restore_agent::catalog_fetch::CatalogFetchConfig;
+use restore_agent::engine::{
+    erase_code, restore_mac, BuildPin, EngineConfig, EngineEvent, EraseConfirmer, EraseDecision,
+    MacReport, PathOrUrl, Stage, Timeouts,
+};
+use restore_agent::http::HttpConfig;
+use restore_agent::tss_client::TssClientConfig;
+use restore_agent::usb::{DeviceInfo, UsbBus};
+use support::SimUsb;
+
+const ECID: u64 = 0x0011_2233_4455_6677;
+const BOARD: &str = "j274ap";
+/// Small system image: every test streams it through ASR.
+const OS_SIZE: u64 = 1 << 20;
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "macrescue-engine-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn shared() -> PathBuf {
+    std::env::var_os("MACRESCUE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")))
+}
+
+fn scenarios_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/mac-sim/scenarios"
+    ))
+}
+
+struct Env {
+    rt: tokio::runtime::Runtime,
+    dir: TempDir,
+    ipsw: PathBuf,
+    /// The OS image as the Mac must receive it.
+    os_image: PathBuf,
+    tss: Arc<TssService>,
+    tss_server: Server,
+    board: Board,
+}
+
+/// The fixture manifests are software-update (preflight) manifests with one bootable identity;
+/// a full IPSW has Erase, Upgrade and `macOS Customer` identities (§10). Derive them from it.
+fn full_manifest(dir: &std::path::Path, newer: Option<&str>) -> PathBuf {
+    let fixture = shared().join(
+        "fixtures/manifests/macOS_26.2_25C56_PreflightBuildManifests/J274AP.BuildManifest.plist",
+    );
+    let mut m: plist::Dictionary = plist::from_file(&fixture).unwrap();
+    let base = m["BuildIdentities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(plist::Value::as_dictionary)
+        .find(|i| i["Manifest"].as_dictionary().unwrap().contains_key("iBSS"))
+        .unwrap()
+        .clone();
+    let with = |variant: &str, behavior: &str| {
+        let mut id = base.clone();
+        if newer.is_some() {
+            // Another build has another UniqueBuildID: the simulated TSS does not know it.
+            let ubid = id.get_mut("UniqueBuildID").unwrap();
+            if let plist::Value::Data(d) = ubid {
+                d[0] ^= 0xFF;
+            }
+        }
+        let info = id.get_mut("Info").unwrap().as_dictionary_mut().unwrap();
+        info.insert("Variant".into(), variant.into());
+        info.insert("RestoreBehavior".into(), behavior.into());
+        info.insert("MacOSVariant".into(), "macOS Customer".into());
+        plist::Value::Dictionary(id)
+    };
+    m.insert(
+        "BuildIdentities".into(),
+        plist::Value::Array(vec![
+            with("Customer Erase Install (IPSW)", "Erase"),
+            with("Customer Upgrade Install (IPSW)", "Update"),
+            with("macOS Customer", "Erase"),
+        ]),
+    );
+    if let Some(build) = newer {
+        m.insert("ProductBuildVersion".into(), build.into());
+        m.insert("ProductVersion".into(), "26.3".into());
+    }
+    let out = dir.join(format!("BuildManifest-{}.plist", newer.unwrap_or("base")));
+    plist::to_file_xml(&out, &m).unwrap();
+    out
+}
+
+/// A full IPSW carries the BootabilityBundle restored asks for (§7.7); make_ipsw does not.
+fn add_bootability_bundle(ipsw: &std::path::Path) {
+    use std::io::Write;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ipsw)
+        .unwrap();
+    let mut w = zip::ZipWriter::new_append(file).unwrap();
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, data) in [
+        (
+            "BootabilityBundle/Restore/Bootability/Bootability.dmg",
+            &[0xB0u8; 3000][..],
+        ),
+        (
+            "BootabilityBundle/Restore/Firmware/Bootability.dmg.trustcache",
+            b"trustcache",
+        ),
+    ] {
+        w.start_file(name, stored).unwrap();
+        w.write_all(data).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+const IPSW_NAME: &str = "UniversalMac_26.2_25C56_Restore.ipsw";
+
+fn env(tag: &str) -> Env {
+    let _ = shared();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = TempDir::new(tag);
+    let ipsw = dir.0.join(IPSW_NAME);
+    let mut opts = IpswOptions::new(BOARD);
+    opts.os_size = OS_SIZE;
+    opts.manifest = Some(full_manifest(&dir.0, None));
+    let summary = make_ipsw(&opts, &ipsw).unwrap();
+    add_bootability_bundle(&ipsw);
+    // The image the simulated ASR sink compares against: the IPSW's own OS entry.
+    let os_image = dir.0.join("os.dmg");
+    {
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(&ipsw).unwrap()).unwrap();
+        let mut data = Vec::new();
+        zip.by_name(&summary.os_paths[0])
+            .unwrap()
+            .read_to_end(&mut data)
+            .unwrap();
+        std::fs::write(&os_image, data).unwrap();
+    }
+    let tss = Arc::new(TssService::new(TssConfig {
+        manifests: vec![summary.manifest.clone()],
+        ..TssConfig::default()
+    }));
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let tss_server = rt.block_on(tss.start(addr, None)).unwrap();
+    Env {
+        rt,
+        dir,
+        ipsw,
+        os_image,
+        tss,
+        tss_server,
+        board: Board::load(BOARD).unwrap(),
+    }
+}
+
+fn fast_timeouts() -> Timeouts {
+    let b = restore_agent::bootchain::Timeouts {
+        discovery: Duration::from_secs(5),
+        ibss_disconnect: Duration::from_secs(5),
+        ibss_reconnect: Duration::from_secs(5),
+        ibec_disconnect: Duration::from_secs(5),
+        ibec_reconnect: Duration::from_secs(5),
+        recovery_ibec_disconnect: Duration::from_secs(5),
+        recovery_ibec_reconnect: Duration::from_secs(5),
+        bootx_leave: Duration::from_secs(5),
+        restore_mode: Duration::from_secs(5),
+        transfer: Duration::from_secs(5),
+        open_attempts: 20,
+        open_interval: Duration::from_millis(20),
+        max_pause: Duration::from_millis(5),
+    };
+    Timeouts {
+        bootchain: b,
+        restored_connect_attempts: 20,
+        restored_connect_retry: Duration::from_millis(50),
+        restored_query: Duration::from_secs(10),
+        mux_handshake: Duration::from_secs(5),
+        back_in_dfu: Duration::from_secs(10),
+    }
+}
+
+fn http() -> HttpConfig {
+    HttpConfig {
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(10),
+        ..HttpConfig::default()
+    }
+}
+
+impl Env {
+    fn config(&self, pin: BuildPin) -> EngineConfig {
+        EngineConfig {
+            cache_dir: None,
+            catalog: CatalogFetchConfig::default(),
+            tss: TssClientConfig {
+                server: Some(self.tss_server.url()),
+                max_attempts: 2,
+                retry_delay: Duration::from_millis(5),
+                http: http(),
+            },
+            http: http(),
+            pin,
+            timeouts: fast_timeouts(),
+            allow_recovery_start: false,
+        }
+    }
+
+    fn ipsw_pin(&self) -> BuildPin {
+        BuildPin::Ipsw(PathOrUrl::Path(self.ipsw.clone()))
+    }
+
+    /// A shipped scenario adapted to this test: the image is the IPSW's OS entry, device
+    /// requests for URLs go to a local server, and `end` replaces the final status.
+    fn scenario(&self, name: &str, end: Option<Step>) -> Scenario {
+        let path = scenarios_dir().join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "http://gs.apple.com/",
+            &format!("{}/", self.tss_server.url()),
+        );
+        let mut s = Scenario::parse(&text, &path).unwrap();
+        s.image.size = OS_SIZE;
+        s.image.seed = None;
+        s.image.sha1 = None;
+        s.image.path = Some(self.os_image.clone());
+        // Firmware-updater tickets (§4.9) are not signed by the simulated TSS.
+        s.steps.retain(|st| {
+            !matches!(st, Step::DataRequestMsg(d) | Step::AsyncDataRequestMsg(d)
+                if d.data_type == "FirmwareUpdaterData")
+        });
+        if let Some(end) = end {
+            let last = s
+                .steps
+                .iter()
+                .rposition(|st| matches!(st, Step::StatusMsg { .. }))
+                .unwrap();
+            s.steps.truncate(last);
+            s.steps.push(end);
+        }
+        s
+    }
+}
+
+/// A Mac whose successive boots into restore mode play `scenarios` in order; handles of every
+/// boot are kept.
+fn mac(
+    env: &Env,
+    start: StartMode,
+    scenarios: Vec<Scenario>,
+    boots: Arc<Mutex<Vec<RestoreHandle>>>,
+) -> SimMac {
+    mac_with(env, start, Faults::default(), scenarios, boots)
+}
+
+fn mac_with(
+    env: &Env,
+    start: StartMode,
+    faults: Faults,
+    scenarios: Vec<Scenario>,
+    boots: Arc<Mutex<Vec<RestoreHandle>>>,
+) -> SimMac {
+    let mut queue = scenarios.into_iter();
+    let cfg = SimRestoreConfig {
+        timeout: Duration::from_secs(10),
+        ..SimRestoreConfig::default()
+    };
+    SimMac::new(env.board.clone(), ECID, start, faults, Timing::fast()).with_restore(Box::new(
+        move |board, id| {
+            let scenario = queue.next().expect("no more restore boots expected");
+            let os = RestoreOs::start(
+                scenario,
+                mac_sim::restore::restored::DeviceInfo::of(board, id),
+                cfg.clone(),
+            );
+            boots.lock().unwrap().push(os.handle());
+            os
+        },
+    ))
+}
+
+fn find_mac(usb: &SimUsb) -> DeviceInfo {
+    usb.devices().unwrap().into_iter().next().unwrap()
+}
+
+/// What the confirmer saw and answers.
+struct TestConfirmer {
+    answer: EraseDecision,
+    asked: Mutex<Vec<(u64, String, String)>>,
+    /// Plugged in when the erase is confirmed: the technician puts the Mac back in DFU.
+    on_confirm: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl EraseConfirmer for TestConfirmer {
+    fn confirm_erase(&self, ecid: u64, code: &str, reason: &str) -> EraseDecision {
+        self.asked
+            .lock()
+            .unwrap()
+            .push((ecid, code.to_string(), reason.to_string()));
+        if matches!(self.answer, EraseDecision::Confirmed { .. }) {
+            if let Some(f) = self.on_confirm.lock().unwrap().take() {
+                f();
+            }
+        }
+        self.answer.clone()
+    }
+}
+
+fn confirmer(answer: EraseDecision) -> Arc<TestConfirmer> {
+    Arc::new(TestConfirmer {
+        answer,
+        asked: Mutex::new(Vec::new()),
+        on_confirm: Mutex::new(None),
+    })
+}
+
+fn run(
+    env: &Env,
+    cfg: EngineConfig,
+    usb: &Arc<SimUsb>,
+    confirm: Arc<TestConfirmer>,
+) -> (MacReport, Vec<EngineEvent>) {
+    let device = find_mac(usb);
+    let usb = Arc::clone(usb);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let report = env.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            restore_mac(Arc::new(cfg), usb, device, confirm, tx),
+        )
+        .await
+        .expect("the engine finishes in time")
+    });
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    (report, events)
+}
+
+fn stages(events: &[EngineEvent]) -> Vec<Stage> {
+    let mut v: Vec<Stage> = Vec::new();
+    for e in events {
+        if let EngineEvent::Stage { stage } = e {
+            if v.last() != Some(stage) {
+                v.push(*stage);
+            }
+        }
+    }
+    v
+}
+
+fn never_asked() -> Arc<TestConfirmer> {
+    confirmer(EraseDecision::Refused { how: "test".into() })
+}
+
+#[test]
+fn revive_succeeds_from_dfu_to_the_final_status() {
+    let env = env("revive");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let confirm = never_asked();
+    let (report, events) = run(&env, env.config(env.ipsw_pin()), &usb, confirm.clone());
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    let boots = boots.lock().unwrap();
+    assert_eq!(boots.len(), 1);
+    assert_eq!(boots[0].wait(Duration::from_secs(5)), SimOutcome::Succeeded);
+    assert!(confirm.asked.lock().unwrap().is_empty());
+    assert_eq!(
+        stages(&events),
+        [
+            Stage::Identify,
+            Stage::PickBuild,
+            Stage::Firmware,
+            Stage::Tickets,
+            Stage::Dfu,
+            Stage::Stage1,
+            Stage::Stage2,
+            Stage::RestoreMode,
+            Stage::Done
+        ]
+    );
+    assert!(matches!(events.last(), Some(EngineEvent::Succeeded)));
+    assert_eq!(report.ecid.as_deref(), Some("0011223344556677"));
+    assert_eq!(report.board.as_deref(), Some(BOARD));
+    assert_eq!(report.build.as_deref(), Some("25C56"));
+    assert!(report.erase_decision.is_none());
+    assert!(!report.checkpoints.is_empty());
+    let json: serde_json::Value = serde_json::from_str(&report.to_json_line()).unwrap();
+    assert_eq!(json["result"], "succeeded");
+    assert_eq!(json["behavior"], "Revive");
+}
+
+fn disk_failure() -> Step {
+    Step::StatusMsg {
+        status: 27,
+        log: Some("mount_filesystems: failed to mount the Data volume (APFS error 49)".into()),
+        amr_error: None,
+    }
+}
+
+#[test]
+fn a_disk_failure_asks_for_an_erase_and_erases_only_when_confirmed() {
+    let env = env("erase-yes");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", Some(disk_failure()))],
+        boots.clone(),
+    )));
+    let confirm = confirmer(EraseDecision::Confirmed {
+        how: "console test".into(),
+        at: SystemTime::now(),
+    });
+    // The technician re-enters DFU after confirming: the Mac shows up again (same ECID) in DFU.
+    {
+        let usb2 = Arc::clone(&usb);
+        let second = mac(
+            &env,
+            StartMode::Dfu,
+            vec![env.scenario("mac-erase", None)],
+            boots.clone(),
+        );
+        *confirm.on_confirm.lock().unwrap() = Some(Box::new(move || {
+            usb2.plug(Box::new(second));
+        }));
+    }
+    let (report, events) = run(&env, env.config(env.ipsw_pin()), &usb, confirm.clone());
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    let asked = confirm.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].0, ECID);
+    assert_eq!(asked[0].1, erase_code(ECID));
+    assert!(asked[0].2.contains("27"), "{}", asked[0].2);
+    let boots = boots.lock().unwrap();
+    assert_eq!(boots.len(), 2);
+    assert_eq!(
+        boots[0].wait(Duration::from_secs(5)),
+        SimOutcome::DeviceFailed { status: 27 }
+    );
+    assert_eq!(boots[1].wait(Duration::from_secs(5)), SimOutcome::Succeeded);
+    let d = report.erase_decision.as_ref().unwrap();
+    assert_eq!(d.decision, "confirmed");
+    assert_eq!(d.how.as_deref(), Some("console test"));
+    assert!(report.revive_failure.as_ref().unwrap().erase_could_fix);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        EngineEvent::Failed {
+            erase_could_fix: true,
+            ..
+        }
+    )));
+    assert_eq!(
+        format!("{:?}", report.behavior),
+        "Erase",
+        "the last attempt erased"
+    );
+}
+
+fn refused_or_timed_out(tag: &str, answer: EraseDecision, expect: &str) {
+    let env = env(tag);
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        // A second boot would play an erase; it must never happen.
+        vec![
+            env.scenario("mac-revive", Some(disk_failure())),
+            env.scenario("mac-erase", None),
+        ],
+        boots.clone(),
+    )));
+    let confirm = confirmer(answer);
+    let (report, _events) = run(&env, env.config(env.ipsw_pin()), &usb, confirm.clone());
+    assert!(!report.succeeded());
+    assert_eq!(confirm.asked.lock().unwrap().len(), 1);
+    let boots = boots.lock().unwrap();
+    // Only the revive's restore OS ever ran, and it saw only the Update StartRestore: an Erase
+    // request would have been rejected by the Update scenario.
+    assert_eq!(boots.len(), 1);
+    assert_eq!(
+        boots[0].wait(Duration::from_secs(5)),
+        SimOutcome::DeviceFailed { status: 27 }
+    );
+    assert!(
+        !boots[0]
+            .report()
+            .log
+            .iter()
+            .any(|l| l.contains("\"Erase\"")),
+        "{:?}",
+        boots[0].report().log
+    );
+    assert_eq!(format!("{:?}", report.behavior), "Revive");
+    let d = report.erase_decision.as_ref().unwrap();
+    assert_eq!(d.decision, expect);
+    let f = report.failure.as_ref().unwrap();
+    assert!(f.erase_could_fix);
+    assert!(f.next_step.contains("not confirmed"), "{}", f.next_step);
+}
+
+#[test]
+fn a_refused_erase_erases_nothing() {
+    refused_or_timed_out(
+        "erase-no",
+        EraseDecision::Refused {
+            how: "console test".into(),
+        },
+        "refused",
+    );
+}
+
+#[test]
+fn an_unanswered_erase_erases_nothing() {
+    refused_or_timed_out("erase-timeout", EraseDecision::TimedOut, "timed out");
+}
+
+#[test]
+fn an_unsigned_build_is_a_named_failure_before_dfu() {
+    let env = env("tss94");
+    env.tss.faults.always_94.store(true, Ordering::Relaxed);
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    let m = mac(&env, StartMode::Dfu, vec![], boots.clone());
+    usb.plug(Box::new(m));
+    let confirm = never_asked();
+    let (report, events) = run(&env, env.config(env.ipsw_pin()), &usb, confirm.clone());
+    assert!(!report.succeeded());
+    let f = report.failure.as_ref().unwrap();
+    assert!(f.cause.contains("no longer signed"), "{}", f.cause);
+    assert!(f.cause.contains("94"), "{}", f.cause);
+    assert!(f.next_step.contains("latest"), "{}", f.next_step);
+    assert!(!f.erase_could_fix);
+    assert!(confirm.asked.lock().unwrap().is_empty());
+    assert!(!stages(&events).contains(&Stage::Dfu));
+    assert!(boots.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_pinned_build_comes_from_the_catalog_and_the_cache() {
+    let env = env("latest");
+    // Two builds offered; the pinned one is cached.
+    let newest = "https://cdn.invalid/UniversalMac_26.3_25D99_Restore.ipsw";
+    let older = format!("https://cdn.invalid/{IPSW_NAME}");
+    let catalog = CatalogService::from_builds(vec![
+        CatalogBuild {
+            product_type: "Macmini9,1".into(),
+            version: "26.3".into(),
+            build: "25D99".into(),
+            url: newest.into(),
+            sha1: None,
+        },
+        CatalogBuild {
+            product_type: "Macmini9,1".into(),
+            version: "26.2".into(),
+            build: "25C56".into(),
+            url: older.clone(),
+            sha1: None,
+        },
+    ]);
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server = env.rt.block_on(catalog.start(addr, None)).unwrap();
+    // Only the pinned build is in the cache: picking it must not touch the (unreachable) CDN.
+    let cache = env.dir.0.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::copy(&env.ipsw, cache.join(IPSW_NAME)).unwrap();
+    let mut cfg = env.config(BuildPin::Build("25C56".into()));
+    cfg.cache_dir = Some(cache);
+    cfg.catalog = CatalogFetchConfig {
+        catalog_url: sim_catalog::mesu_url(&server),
+        fallback_url: None,
+        timeout: Duration::from_secs(5),
+        http: http(),
+    };
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let (report, events) = run(&env, cfg, &usb, never_asked());
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, EngineEvent::Build { build, .. } if build == "25C56")));
+}
+
+#[test]
+fn a_mac_in_recovery_is_a_named_failure() {
+    let env = env("recovery");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Recovery,
+        vec![],
+        boots.clone(),
+    )));
+    let confirm = never_asked();
+    let (report, events) = run(&env, env.config(env.ipsw_pin()), &usb, confirm.clone());
+    assert!(!report.succeeded());
+    let f = report.failure.as_ref().unwrap();
+    assert!(f.cause.contains("Recovery, not DFU"), "{}", f.cause);
+    assert!(f.next_step.contains("DFU"), "{}", f.next_step);
+    assert!(!f.erase_could_fix);
+    assert!(confirm.asked.lock().unwrap().is_empty());
+    assert!(matches!(
+        events.last(),
+        Some(EngineEvent::Failed {
+            erase_could_fix: false,
+            ..
+        })
+    ));
+    assert!(boots.lock().unwrap().is_empty());
+}
+
+#[test]
+fn latest_skips_a_build_apple_no_longer_signs() {
+    let env = env("latest");
+    let cache = env.dir.0.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    // The newest build in the catalog (26.3, 25D99) is unknown to the signing server.
+    let newest_name = "UniversalMac_26.3_25D99_Restore.ipsw";
+    let mut opts = IpswOptions::new(BOARD);
+    opts.os_size = 4096;
+    opts.manifest = Some(full_manifest(&env.dir.0, Some("25D99")));
+    make_ipsw(&opts, &cache.join(newest_name)).unwrap();
+    std::fs::copy(&env.ipsw, cache.join(IPSW_NAME)).unwrap();
+    let catalog = CatalogService::from_builds(vec![
+        CatalogBuild {
+            product_type: "Macmini9,1".into(),
+            version: "26.3".into(),
+            build: "25D99".into(),
+            url: format!("https://cdn.invalid/{newest_name}"),
+            sha1: None,
+        },
+        CatalogBuild {
+            product_type: "Macmini9,1".into(),
+            version: "26.2".into(),
+            build: "25C56".into(),
+            url: format!("https://cdn.invalid/{IPSW_NAME}"),
+            sha1: None,
+        },
+    ]);
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server = env.rt.block_on(catalog.start(addr, None)).unwrap();
+    let mut cfg = env.config(BuildPin::Latest);
+    cfg.cache_dir = Some(cache);
+    cfg.catalog = CatalogFetchConfig {
+        catalog_url: sim_catalog::mesu_url(&server),
+        fallback_url: None,
+        timeout: Duration::from_secs(5),
+        http: http(),
+    };
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let (report, events) = run(&env, cfg, &usb, never_asked());
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    assert_eq!(report.build.as_deref(), Some("25C56"));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        EngineEvent::Message(m) if m.contains("25D99") && m.contains("no longer signed")
+    )));
+    assert_eq!(
+        boots.lock().unwrap()[0].wait(Duration::from_secs(5)),
+        SimOutcome::Succeeded
+    );
+}
+
+#[test]
+fn a_mac_in_port_dfu_is_a_named_failure() {
+    let env = env("portdfu");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::PortDfu,
+        vec![],
+        boots.clone(),
+    )));
+    let (report, _) = run(&env, env.config(env.ipsw_pin()), &usb, never_asked());
+    let f = report.failure.as_ref().unwrap();
+    assert!(f.cause.contains("Port DFU"), "{}", f.cause);
+    assert!(f.next_step.contains("DFU port"), "{}", f.next_step);
+    assert!(!f.erase_could_fix);
+    assert!(boots.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_usb_drop_in_stage_2_is_a_named_failure_and_never_asks_to_erase() {
+    let env = env("drop");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    let faults = Faults {
+        disconnect_at: Some(mac_sim::faults::Stage::Stage2),
+        ..Faults::default()
+    };
+    usb.plug(Box::new(mac_with(
+        &env,
+        StartMode::Dfu,
+        faults,
+        vec![],
+        boots.clone(),
+    )));
+    let confirm = never_asked();
+    let (report, events) = run(&env, env.config(env.ipsw_pin()), &usb, confirm.clone());
+    assert!(!report.succeeded());
+    let f = report.failure.as_ref().unwrap();
+    assert!(!f.erase_could_fix, "{f:?}");
+    assert!(
+        f.next_step.contains("cable") || f.next_step.contains("DFU"),
+        "{f:?}"
+    );
+    assert!(stages(&events).contains(&Stage::Stage1));
+    assert!(!stages(&events).contains(&Stage::RestoreMode));
+    assert!(confirm.asked.lock().unwrap().is_empty());
+}
