@@ -154,8 +154,6 @@ fn start_dnsmasq(ns: &mut Namespaces) {
             "--dhcp-option=option:ntp-server,10.77.0.1",
             "--dhcp-option=option:domain-name,rescue.test",
         ])
-        // A short T1 so the test sees a renewal; the lease itself stays at dnsmasq's minimum.
-        .args(["--dhcp-option=option:T1,2", "--dhcp-option=option:T2,100"])
         .arg(format!("--dhcp-leasefile={}", leases.display()))
         .arg(format!("--pid-file={}", ns.dir.join("pid").display()))
         .stdout(Stdio::null())
@@ -237,6 +235,8 @@ fn dhcp_lease_route_dns_renewal_and_clock_in_namespaces() {
     }
     let cfg = NetConfig {
         interfaces: Some(vec!["eth-rescue".into()]),
+        // dnsmasq's shortest lease is 2 minutes (T1 = 60 s); renew sooner to see a renewal.
+        dhcp_renew_cap: Some(Duration::from_secs(2)),
         resolv_conf: resolv.clone(),
         // A stand-in tree: the real sysctls of the station namespace are not the test's subject.
         ipv6_conf_dir: ipv6.clone(),
@@ -274,6 +274,7 @@ fn dhcp_lease_route_dns_renewal_and_clock_in_namespaces() {
             assert_eq!(d.ntp, vec![LAN_IP]);
             assert_eq!(d.domain.as_deref(), Some("rescue.test"));
             assert_eq!(st.gateway(), Some(LAN_IP));
+            assert_eq!((d.lease_secs, d.renew_secs), (120, 2));
 
             // The kernel has what the status claims.
             let addrs = output(&[

@@ -62,6 +62,8 @@ pub struct NetConfig {
     /// Only these links (by name); `None`: every wired link.
     pub interfaces: Option<Vec<String>>,
     pub dhcp: bool,
+    /// Renew leases at least this soon (see [`dhcp::ClientConfig::renew_cap`]).
+    pub dhcp_renew_cap: Option<Duration>,
     pub resolv_conf: PathBuf,
     pub ipv6_conf_dir: PathBuf,
     /// Time servers from the config file (`host` or `host:port`), tried after DHCP's.
@@ -87,6 +89,7 @@ impl Default for NetConfig {
         Self {
             interfaces: None,
             dhcp: true,
+            dhcp_renew_cap: None,
             resolv_conf: "/etc/resolv.conf".into(),
             ipv6_conf_dir: "/proc/sys/net/ipv6/conf".into(),
             ntp_servers: Vec::new(),
@@ -344,6 +347,7 @@ impl Orchestrator {
             t.task = Some(tokio::spawn(dhcp::edge::run(
                 l,
                 self.seed,
+                self.cfg.dhcp_renew_cap,
                 lease_tx.clone(),
             )));
         } else if !l.carrier && running {
@@ -426,6 +430,7 @@ impl Orchestrator {
                         ntp: l.ntp.clone(),
                         domain: l.domain.clone(),
                         lease_secs: l.lease_time.as_secs(),
+                        renew_secs: l.renew_after.as_secs(),
                         renewals: t.renewals,
                     })
                 });

@@ -54,6 +54,8 @@ pub struct DhcpStatus {
     pub ntp: Vec<Ipv4Addr>,
     pub domain: Option<String>,
     pub lease_secs: u64,
+    /// When the lease is renewed (T1), in seconds from when it was granted.
+    pub renew_secs: u64,
     /// Successful renewals of this lease, for the dashboard and tests.
     pub renewals: u32,
 }

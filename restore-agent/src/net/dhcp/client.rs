@@ -18,6 +18,9 @@ pub struct ClientConfig {
     /// REQUESTs sent in REQUESTING before starting over with a DISCOVER.
     pub request_attempts: u32,
     pub hostname: Option<String>,
+    /// Renew at least this soon after binding, whatever the server says (tests, and stations
+    /// that want to notice a dead server early).
+    pub renew_cap: Option<Duration>,
 }
 
 impl ClientConfig {
@@ -29,6 +32,7 @@ impl ClientConfig {
             max_retransmit: Duration::from_secs(32),
             request_attempts: 4,
             hostname: Some("macrescue".into()),
+            renew_cap: None,
         }
     }
 }
@@ -199,10 +203,13 @@ impl Client {
                 self.send(now);
             }
             (State::Requesting | State::Renewing | State::Rebinding, Some(MessageType::Ack)) => {
-                let Some(lease) = lease_from(m) else {
+                let Some(mut lease) = lease_from(m) else {
                     tracing::warn!("ignoring a DHCP ACK without an address or lease time");
                     return;
                 };
+                if let Some(cap) = self.cfg.renew_cap {
+                    lease.renew_after = lease.renew_after.min(cap);
+                }
                 let renewal = self.state != State::Requesting
                     && self.lease().is_some_and(|l| l.address == lease.address);
                 self.lease = Some((lease.clone(), now));
@@ -513,6 +520,23 @@ mod tests {
             matches!(&out[1], Output::Transmit(m, _) if m.options.message_type == Some(MessageType::Discover))
         );
         assert_eq!(c.lease(), None);
+    }
+
+    #[test]
+    fn renew_cap_shortens_t1_only() {
+        let t0 = Instant::now();
+        let mut cfg = ClientConfig::new(MAC, 7);
+        cfg.renew_cap = Some(Duration::from_secs(3));
+        let mut c = Client::new(cfg, t0);
+        c.handle_timeout(t0);
+        let (d, _) = sent(&mut c).remove(0);
+        c.handle_message(t0, &reply(&d, MessageType::Offer, 100));
+        let (r, _) = sent(&mut c).remove(0);
+        c.handle_message(t0, &reply(&r, MessageType::Ack, 100));
+        let l = c.lease().unwrap();
+        assert_eq!(l.renew_after, Duration::from_secs(3));
+        assert_eq!(l.rebind_after, Duration::from_millis(87_500));
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(3)));
     }
 
     #[test]

@@ -137,12 +137,15 @@ fn remove(rtnl: &mut Rtnl, index: u32, lease: &Lease) {
 pub async fn run(
     link: Link,
     xid_seed: u32,
+    renew_cap: Option<std::time::Duration>,
     events: mpsc::UnboundedSender<LeaseEvent>,
 ) -> Result<(), NetError> {
     let mac = link.mac.ok_or_else(|| NetError::NoMac(link.name.clone()))?;
     let sock = bind_socket(&link.name).map_err(|e| NetError::DhcpSocket(link.name.clone(), e))?;
     let mut rtnl = Rtnl::open()?;
-    let mut client = Client::new(ClientConfig::new(mac, xid_seed), Instant::now());
+    let mut cfg = ClientConfig::new(mac, xid_seed);
+    cfg.renew_cap = renew_cap;
+    let mut client = Client::new(cfg, Instant::now());
     let mut buf = vec![0u8; 1500];
     let server = |d: Destination| match d {
         Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, wire::SERVER_PORT),
