@@ -33,6 +33,8 @@ enum Command {
     Plan(cmd::plan::Args),
     /// List the macOS builds offered for a model, newest first (optionally: signed or not).
     Firmwares(cmd::firmwares::Args),
+    /// Bring up networking as the rescue image does and print its status (JSON lines).
+    Net(cmd::net::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Bootchain(a) => cmd::bootchain::run(a),
         Command::Plan(a) => cmd::plan::run(a),
         Command::Firmwares(a) => cmd::firmwares::run(a),
+        Command::Net(a) => cmd::net::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

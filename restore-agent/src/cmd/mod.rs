@@ -4,4 +4,5 @@ pub mod bootchain;
 pub mod devices;
 pub mod firmwares;
 pub mod identify;
+pub mod net;
 pub mod plan;
