@@ -209,6 +209,7 @@ pub fn start(cfg: NetConfig, clock: Arc<dyn ClockSetter>) -> Result<NetHandle, N
             tx,
             ntp_tx,
             seed: seed(),
+            resolv_written: None,
         }
         .run(events)
         .await;
@@ -236,6 +237,7 @@ struct Orchestrator {
     tx: Arc<watch::Sender<NetStatus>>,
     ntp_tx: watch::Sender<Option<Vec<Ipv4Addr>>>,
     seed: u32,
+    resolv_written: Option<String>,
 }
 
 impl Orchestrator {
@@ -344,12 +346,16 @@ impl Orchestrator {
         if l.carrier && !running && self.cfg.dhcp {
             tracing::info!(link = %l.name, "carrier up: starting DHCP");
             self.seed = self.seed.wrapping_add(0x9e37_79b9);
-            t.task = Some(tokio::spawn(dhcp::edge::run(
-                l,
-                self.seed,
-                self.cfg.dhcp_renew_cap,
-                lease_tx.clone(),
-            )));
+            let name = l.name.clone();
+            let run = dhcp::edge::run(l, self.seed, self.cfg.dhcp_renew_cap, lease_tx.clone());
+            t.task = Some(tokio::spawn(async move {
+                let r = run.await;
+                // The next link event for this link starts DHCP again.
+                if let Err(e) = &r {
+                    tracing::error!(link = %name, "DHCP stopped: {e}");
+                }
+                r
+            }));
         } else if !l.carrier && running {
             tracing::info!(link = %l.name, "carrier lost: dropping the DHCP lease");
             if let Some(h) = t.task.take() {
@@ -410,10 +416,22 @@ impl Orchestrator {
         let ntp: Vec<Ipv4Addr> = leases.iter().flat_map(|l| l.ntp.iter().copied()).collect();
         if !leases.is_empty() {
             // Keep the last resolv.conf when every lease is gone: a stale resolver beats none.
-            if let Err(e) = resolv::write(&self.cfg.resolv_conf, &resolv::render(&dns, &domains)) {
-                tracing::warn!(path = %self.cfg.resolv_conf.display(), "cannot write resolv.conf: {e}");
+            let text = resolv::render(&dns, &domains);
+            // Address events are frequent (SLAAC); rewrite only what changed.
+            if self.resolv_written.as_deref() != Some(text.as_str()) {
+                match resolv::write(&self.cfg.resolv_conf, &text) {
+                    Ok(()) => self.resolv_written = Some(text),
+                    Err(e) => tracing::warn!(
+                        path = %self.cfg.resolv_conf.display(),
+                        "cannot write resolv.conf: {e}"
+                    ),
+                }
             }
-            self.ntp_tx.send_replace(Some(ntp));
+            self.ntp_tx.send_if_modified(|n| {
+                let changed = n.as_ref() != Some(&ntp);
+                *n = Some(ntp);
+                changed
+            });
         }
         let tracked = &self.tracked;
         self.tx.send_modify(|s| {
