@@ -17,6 +17,7 @@ pub mod identity;
 pub mod img4;
 pub mod ipsw;
 pub mod manifest;
+pub mod net;
 pub mod personalize;
 pub mod recovery;
 pub mod restored;

@@ -39,6 +39,8 @@ enum Command {
     Download(cmd::download::Args),
     /// Wait for a Mac and restore it: revive first; erase only after the code shown is typed.
     Restore(cmd::restore::Args),
+    /// Bring up networking as the rescue image does and print its status (JSON lines).
+    Net(cmd::net::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Station(a) => cmd::station::run(a),
         Command::Download(a) => cmd::download::run(a),
         Command::Restore(a) => cmd::restore::run(a),
+        Command::Net(a) => cmd::net::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

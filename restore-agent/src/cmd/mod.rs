@@ -5,6 +5,7 @@ pub mod devices;
 pub mod download;
 pub mod firmwares;
 pub mod identify;
+pub mod net;
 pub mod plan;
 pub mod restore;
 pub mod station;
