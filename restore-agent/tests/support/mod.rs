@@ -225,6 +225,8 @@ impl UsbTransport for SimTransport {
         _timeout: Duration,
     ) -> Result<usize, TransportError> {
         self.check_current()?;
+        // An empty `data` goes through as is: it is a zero-length packet, which the simulated
+        // device counts (usbmux must end a packet that fills whole USB packets with one).
         match self.bus.bulk_out(self.port, endpoint, data).map_err(gone)? {
             Reply::Ack(_) => Ok(data.len()),
             Reply::Stall => Err(TransportError::Stall),
@@ -286,5 +288,17 @@ impl UsbTransport for SimTransport {
             Ok(()) | Err(BusError::Gone(_)) => Ok(()),
             Err(e) => Err(gone(e)),
         }
+    }
+
+    /// Like libusb, one opened device serves transfers from several threads; the clone stays
+    /// tied to the same incarnation, so it too reports `Disconnected` after a re-attach.
+    fn bulk_handle(&self) -> Option<Box<dyn UsbTransport>> {
+        Some(Box::new(SimTransport {
+            bus: Arc::clone(&self.bus),
+            state: Arc::clone(&self.state),
+            port: self.port,
+            generation: self.generation,
+            info: self.info.clone(),
+        }))
     }
 }
