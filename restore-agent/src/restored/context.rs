@@ -7,7 +7,6 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
 
 use plist::Dictionary;
 use tokio::io::{AsyncRead, AsyncWrite};
