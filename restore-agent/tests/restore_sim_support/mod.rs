@@ -13,6 +13,7 @@ use std::time::Duration;
 use mac_sim::board::Board;
 use mac_sim::device::{SimMac, Timing};
 use mac_sim::faults::{Faults, StartMode};
+use mac_sim::ipsw::{make_ipsw, IpswOptions};
 use mac_sim::restore::scenario::{fill_image, Scenario};
 use mac_sim::restore::{RestoreConfig as SimRestoreConfig, RestoreHandle, RestoreOs};
 use mac_sim::ticket::{sign_im4m, TicketSpec};
@@ -79,6 +80,70 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The shared fixtures hold software-update (preflight) manifests only. A full IPSW's manifest
+/// has erase, upgrade and `macOS Customer` identities (protocol.md §10); derive them from the
+/// fixture's identities so the device sees the variants a full IPSW would give.
+pub fn full_ipsw_manifest(dir: &Scratch) -> std::path::PathBuf {
+    let fixture = mac_sim::board::manifests_dir().join("J274AP.BuildManifest.plist");
+    let mut manifest: plist::Dictionary = plist::from_file(&fixture).unwrap();
+    let identities = manifest
+        .get("BuildIdentities")
+        .and_then(plist::Value::as_array)
+        .unwrap()
+        .clone();
+    let with = |base: &plist::Value, variant: &str, behavior: &str| {
+        let mut id = base.as_dictionary().unwrap().clone();
+        let info = id
+            .get_mut("Info")
+            .and_then(plist::Value::as_dictionary_mut)
+            .unwrap();
+        info.insert("Variant".into(), variant.into());
+        info.insert("RestoreBehavior".into(), behavior.into());
+        // Where the global ticket lives: Firmware/Manifests/restore/<MacOSVariant>/ (§7.7).
+        info.insert("MacOSVariant".into(), "macOS Customer".into());
+        plist::Value::Dictionary(id)
+    };
+    let full = identities
+        .iter()
+        .find(|i| {
+            i.as_dictionary()
+                .and_then(|d| d.get("Manifest"))
+                .and_then(plist::Value::as_dictionary)
+                .is_some_and(|m| m.len() > 40)
+        })
+        .unwrap_or(&identities[0]);
+    let ros = identities
+        .iter()
+        .min_by_key(|i| {
+            i.as_dictionary()
+                .and_then(|d| d.get("Manifest"))
+                .and_then(plist::Value::as_dictionary)
+                .map_or(usize::MAX, |m| m.len())
+        })
+        .unwrap();
+    manifest.insert(
+        "BuildIdentities".into(),
+        plist::Value::Array(vec![
+            with(full, "Customer Erase Install (IPSW)", "Erase"),
+            with(full, "Customer Upgrade Install (IPSW)", "Update"),
+            with(ros, "macOS Customer", "Erase"),
+        ]),
+    );
+    let path = dir.0.join("BuildManifest.plist");
+    plist::to_file_xml(&path, &manifest).unwrap();
+    path
+}
+
+/// A synthetic IPSW for the board, with the OS image stored (random access for ASR).
+pub fn synthetic_ipsw(dir: &Scratch, os_size: u64) -> std::path::PathBuf {
+    let path = dir.0.join("test.ipsw");
+    let mut opts = IpswOptions::new(BOARD);
+    opts.manifest = Some(full_ipsw_manifest(dir));
+    opts.os_size = os_size;
+    make_ipsw(&opts, &path).unwrap();
+    path
 }
 
 /// The firmware side of a restore, answered from a synthetic IPSW.

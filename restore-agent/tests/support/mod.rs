@@ -241,6 +241,7 @@ impl UsbTransport for SimTransport {
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
         let deadline = Instant::now() + timeout;
+        let mut naks = 0u32;
         loop {
             self.check_current()?;
             match self
@@ -253,7 +254,18 @@ impl UsbTransport for SimTransport {
                 Reply::Nak if Instant::now() >= deadline => {
                     return Err(TransportError::Timeout(timeout))
                 }
-                Reply::Nak => std::thread::sleep(Duration::from_millis(1)),
+                Reply::Nak => {
+                    // A real host controller completes the transfer the moment the device has
+                    // data. Polling with a flat 1 ms sleep would cap usbmux at one window per
+                    // millisecond, so back off from yielding to at most 1 ms.
+                    naks = naks.saturating_add(1);
+                    if naks < 64 {
+                        std::thread::yield_now();
+                    } else {
+                        let us = u64::from(naks - 63).saturating_mul(20).min(1000);
+                        std::thread::sleep(Duration::from_micros(us));
+                    }
+                }
             }
         }
     }
