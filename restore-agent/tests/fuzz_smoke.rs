@@ -1,6 +1,7 @@
 //! The fuzz harness (`fuzz/harness.rs`, shared with the cargo-fuzz targets) run on the stable
-//! toolchain: ~100k deterministic inputs, random and mutated from real seeds, plus structured
-//! descriptor values checked for `parse(emit(x)) == x`. A failure prints the input to replay.
+//! toolchain: deterministic inputs, random and mutated from real seeds, for every target, plus
+//! structured descriptor values checked for `parse(emit(x)) == x`. A failure prints the input
+//! to replay.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -88,7 +89,7 @@ const TOKENS: &[&[u8]] = &[
     b"\xc3\xa4",
 ];
 
-fn mutate(rng: &mut Rng, input: &mut Vec<u8>) {
+fn mutate(rng: &mut Rng, input: &mut Vec<u8>, tokens: &[&[u8]]) {
     for _ in 0..1 + rng.below(4) {
         let len = input.len();
         match rng.below(8) {
@@ -102,7 +103,7 @@ fn mutate(rng: &mut Rng, input: &mut Vec<u8>) {
             }
             2 => {
                 let i = rng.below(len + 1);
-                let t = rng.pick(TOKENS);
+                let t = rng.pick(tokens);
                 input.splice(i..i, t.iter().copied());
             }
             3 if len > 0 => {
@@ -173,7 +174,7 @@ fn serial_string_harness() {
             rng.bytes(n)
         } else {
             let mut v = rng.pick(&corpus).clone();
-            mutate(&mut rng, &mut v);
+            mutate(&mut rng, &mut v, TOKENS);
             v
         };
         check("serial_string", harness::serial_string, &input);
@@ -194,7 +195,7 @@ fn descriptors_harness() {
             rng.bytes(n)
         } else {
             let mut v = rng.pick(&corpus).clone();
-            mutate(&mut rng, &mut v);
+            mutate(&mut rng, &mut v, TOKENS);
             v
         };
         // Often keep wTotalLength/bLength consistent with the mutated size, so mutations reach
@@ -323,4 +324,404 @@ fn structured_values_round_trip() {
             Ok(ids)
         );
     }
+}
+
+// ----- the format targets ---------------------------------------------------------------------
+
+/// `count`, scaled by `MACRESCUE_FUZZ_SCALE` (e.g. 10 for a longer local run).
+fn scaled(count: usize) -> usize {
+    let scale = std::env::var("MACRESCUE_FUZZ_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(1);
+    count * scale.max(1)
+}
+
+/// Runs `f` on every seed, then on `count` inputs: mostly mutated seeds (format tokens
+/// spliced in), some token soup, a few random byte strings. `reached` counts the inputs that
+/// got past the first parsing layer; at least `min_reached` must, or the run proves nothing.
+#[allow(clippy::too_many_arguments)]
+fn run_target(
+    name: &str,
+    f: fn(&[u8]),
+    corpus: &[Vec<u8>],
+    tokens: &[&[u8]],
+    rng_seed: u64,
+    count: usize,
+    reached: fn(&[u8]) -> bool,
+    min_reached: usize,
+) {
+    for seed in corpus {
+        check(name, f, seed);
+    }
+    let mut rng = Rng(rng_seed);
+    let mut hits = 0;
+    let count = scaled(count);
+    for _ in 0..count {
+        let input = if rng.chance(5) {
+            let n = rng.below(300);
+            rng.bytes(n)
+        } else if rng.chance(10) {
+            let mut v = Vec::new();
+            for _ in 0..rng.below(16) {
+                let token = *rng.pick(tokens);
+                v.extend_from_slice(token);
+            }
+            v
+        } else {
+            let mut v = rng.pick(corpus).clone();
+            mutate(&mut rng, &mut v, tokens);
+            v
+        };
+        if reached(&input) {
+            hits += 1;
+        }
+        check(name, f, &input);
+    }
+    eprintln!("{name}: {hits} of {count} inputs got past the first parser");
+    assert!(
+        hits >= min_reached.min(count),
+        "{name}: only {hits} of {count} inputs got past the first parser"
+    );
+}
+
+#[test]
+fn zip_central_directory_harness() {
+    use restore_agent::ipsw::ZipArchive;
+    const TOKENS: &[&[u8]] = &[
+        b"PK\x01\x02",
+        b"PK\x03\x04",
+        b"PK\x05\x06",
+        b"PK\x06\x06",
+        b"PK\x06\x07",
+        b"\xff\xff\xff\xff",
+        b"\xff\xff",
+        b"\x01\x00\x10\x00",
+        b"\x01\x00\x18\x00",
+        b"\x00\x00\x00\x00",
+        b"\x08\x00",
+        b"\x01\x00",
+    ];
+    run_target(
+        "zip_central_directory",
+        harness::zip_central_directory,
+        &seeds("zip_central_directory"),
+        TOKENS,
+        0x7a69_7063_6472_0001,
+        50_000,
+        |input| ZipArchive::open(input.to_vec()).is_ok(),
+        2_000,
+    );
+}
+
+#[test]
+fn catalog_harness() {
+    use restore_agent::catalog::{parse_ipsw_me_device, MesuCatalog};
+    const TOKENS: &[&[u8]] = &[
+        b"<key>",
+        b"</key>",
+        b"<dict>",
+        b"</dict>",
+        b"<string>",
+        b"</string>",
+        b"<dict/>",
+        b"SameAs",
+        b"Restore",
+        b"Unknown",
+        b"Universal",
+        b"BuildVersion",
+        b"ProductVersion",
+        b"FirmwareURL",
+        b"FirmwareSHA1",
+        b"https://",
+        b"http://",
+        b"protected://",
+        b"26.3.1",
+        b"25D2128",
+        b"25C56",
+        b".",
+        b"\"identifier\":\"Macmini9,1\"",
+        b"\"firmwares\":[",
+        b"\"version\":\"",
+        b"\"buildid\":\"",
+        b"\"url\":\"",
+        b"\"sha1sum\":\"",
+        b"{",
+        b"}",
+        b"]",
+        b",",
+        b"\"",
+        b" ",
+        b"0123456789abcdef0123456789abcdef01234567",
+    ];
+    run_target(
+        "catalog",
+        harness::catalog,
+        &seeds("catalog"),
+        TOKENS,
+        0x6361_7461_6c6f_6701,
+        12_000,
+        |input| {
+            MesuCatalog::parse(input).is_ok() || parse_ipsw_me_device(input, "Macmini9,1").is_ok()
+        },
+        500,
+    );
+}
+
+#[test]
+fn manifest_harness() {
+    use restore_agent::manifest::BuildManifest;
+    const TOKENS: &[&[u8]] = &[
+        b"<key>",
+        b"</key>",
+        b"<dict>",
+        b"</dict>",
+        b"<true/>",
+        b"<false/>",
+        b"<string>",
+        b"</string>",
+        b"IsLoadedByiBoot",
+        b"IsLoadedByiBootStage1",
+        b"iBSS",
+        b"iBEC",
+        b"RestoreLogo",
+        b"RestoreRamDisk",
+        b"Erase",
+        b"Update",
+        b"Research",
+        b"Erase Install (IPSW)",
+        b"Upgrade Install (IPSW)",
+        b"DeviceClass",
+        b"RestoreBehavior",
+        b"Variant",
+        b"0x8103",
+        b"0x22",
+        b"<integer>",
+        b"</integer>",
+        b"\x09",
+        b"\x11",
+        b"\xd1",
+    ];
+    run_target(
+        "manifest",
+        harness::manifest,
+        &seeds("manifest"),
+        TOKENS,
+        0x6d61_6e69_6665_7374,
+        12_000,
+        |input| BuildManifest::from_bytes(input).is_ok(),
+        300,
+    );
+}
+
+#[test]
+fn tss_response_harness() {
+    use restore_agent::tss::parse_response;
+    const TOKENS: &[&[u8]] = &[
+        b"STATUS=",
+        b"MESSAGE=",
+        b"SUCCESS",
+        b"&",
+        b"REQUEST_STRING=",
+        b"<?xml version=\"1.0\"?>",
+        b"<plist version=\"1.0\">",
+        b"<dict>",
+        b"</dict>",
+        b"<key>",
+        b"</key>",
+        b"<data>",
+        b"</data>",
+        b"ApImg4Ticket",
+        b"-TBM",
+        b"ucon",
+        b"ucer",
+        b"94",
+        b"0",
+        b"MAA=",
+    ];
+    run_target(
+        "tss_response",
+        harness::tss_response,
+        &seeds("tss_response"),
+        TOKENS,
+        0x7473_735f_7265_7370,
+        20_000,
+        |input| parse_response(input).is_ok(),
+        250,
+    );
+}
+
+#[test]
+fn img4_harness() {
+    use restore_agent::img4::der;
+    const TOKENS: &[&[u8]] = &[
+        b"\x30",
+        b"\x31",
+        b"\x16\x04",
+        b"IM4P",
+        b"IM4M",
+        b"IMG4",
+        b"IM4R",
+        b"MANB",
+        b"MANP",
+        b"\xa0",
+        b"\xa1",
+        b"\x81",
+        b"\x82",
+        b"\x84\xff\xff\xff\xff",
+        b"\x85",
+        b"\x80",
+        b"\xff\x84\x80\x80\x80\x01",
+        b"\x1f",
+        b"\x04",
+        b"\x02\x01\x00",
+        b"\x01\x01\xff",
+    ];
+    run_target(
+        "img4",
+        harness::img4,
+        &seeds("img4"),
+        TOKENS,
+        0x696d_6734_6675_7a7a,
+        25_000,
+        |input| der::read(input).is_ok(),
+        10_000,
+    );
+}
+
+#[test]
+fn usbmux_harness() {
+    // Whole operations of the usbmux target's input language (see `harness::usbmux`).
+    const TOKENS: &[&[u8]] = &[
+        &[2, 3, 0, 0x10, 0],
+        &[2, 7, 0, 0x10, 0, b'd', b'a', b't', b'a'],
+        &[2, 3, 1, 0x12, 0],
+        &[2, 3, 0, 0x04, 0],
+        &[2, 5, 0, 0x14, 0, b'n', b'o'],
+        &[2, 3, 3, 0x10, 9],
+        &[4, 3, 0, 0x1f, 0x5e],
+        &[4, 3, 1, 0, 0xff],
+        &[4, 3, 2, 0, 0x10],
+        &[4, 3, 3, 0, 0],
+        &[4, 3, 4, 1, 0],
+        &[4, 3, 5, 0x20, 0],
+        &[4, 3, 6, 0, 4],
+        &[4, 3, 7, 0, 0],
+        &[3, 2, 1, 0x40],
+        &[3, 3, 0, 0xff, 2],
+        &[3, 2, 4, 0x00],
+        &[1, 4, 1, 7, b'h', b'i'],
+        &[1, 13, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0],
+        &[1, 2, 2, 7],
+        &[0, 8, 0, 0, 0, 6, 0, 0, 0, 8],
+        &[5, 0],
+        &[6, 2, 0, 0],
+        &[7, 4, 0, 0, 0, 1],
+    ];
+    run_target(
+        "usbmux",
+        harness::usbmux,
+        &seeds("usbmux"),
+        TOKENS,
+        0x7573_626d_7578_0001,
+        20_000,
+        |input| input.len() >= 2,
+        10_000,
+    );
+}
+
+/// Counts the messages a stream input yields, piece by piece (as the harness feeds it).
+fn stream_yields(input: &[u8], mut take: impl FnMut(&[u8]) -> usize) -> bool {
+    let mut rest = input;
+    let mut total = 0;
+    while let Some((&len, tail)) = rest.split_first() {
+        let (piece, next) = tail.split_at(usize::from(len).min(tail.len()));
+        total += take(piece);
+        rest = next;
+    }
+    total > 0
+}
+
+#[test]
+fn restored_framing_harness() {
+    use restore_agent::restored::framing::Decoder;
+    const TOKENS: &[&[u8]] = &[
+        b"\x00\x00\x00",
+        b"\x00\x00\x01\x00",
+        b"\xff\xff\xff\xff",
+        b"bplist00",
+        b"<?xml version=\"1.0\"?>",
+        b"<plist version=\"1.0\">",
+        b"</plist>",
+        b"<dict>",
+        b"</dict>",
+        b"<key>MsgType</key>",
+        b"<string>StatusMsg</string>",
+        b"<integer>0</integer>",
+        b"\xd1\x01\x02",
+        b"\x08",
+        b"\n",
+    ];
+    run_target(
+        "restored_framing",
+        harness::restored_framing,
+        &seeds("restored_framing"),
+        TOKENS,
+        0x7265_7374_6f72_6564,
+        25_000,
+        |input| {
+            let mut decoder = Decoder::new(harness::FUZZ_MAX_MESSAGE_LEN);
+            stream_yields(input, |piece| {
+                decoder.push(piece);
+                let mut n = 0;
+                while let Ok(Some(_)) = decoder.next_message() {
+                    n += 1;
+                }
+                n
+            })
+        },
+        1_500,
+    );
+}
+
+#[test]
+fn asr_commands_harness() {
+    use restore_agent::asr::CommandParser;
+    const TOKENS: &[&[u8]] = &[
+        b"</plist>",
+        b"<plist version=\"1.0\">",
+        b"<?xml version=\"1.0\"?>",
+        b"<dict>",
+        b"</dict>",
+        b"<key>Command</key>",
+        b"<string>OOBData</string>",
+        b"<string>Payload</string>",
+        b"<key>OOB Offset</key>",
+        b"<key>OOB Length</key>",
+        b"<integer>18446744073709551615</integer>",
+        b"<integer>-1</integer>",
+        b"<true/>",
+        b"\n",
+        b" ",
+    ];
+    run_target(
+        "asr_commands",
+        harness::asr_commands,
+        &seeds("asr_commands"),
+        TOKENS,
+        0x6173_725f_636d_6473,
+        25_000,
+        |input| {
+            let mut parser = CommandParser::new();
+            stream_yields(input, |piece| {
+                parser.push(piece);
+                let mut n = 0;
+                while let Ok(Some(_)) = parser.next_command() {
+                    n += 1;
+                }
+                n
+            })
+        },
+        1_500,
+    );
 }

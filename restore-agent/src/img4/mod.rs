@@ -64,16 +64,22 @@ pub fn stitch(
     im4m::parse(ticket)?;
     let ticket_el = der::read(ticket)?;
     let ticket = ticket_el.raw;
-    if let Some(r) = im4r {
-        let el = der::read(r)?;
-        if el.tag != Tag::SEQUENCE
-            || !el
-                .content
-                .starts_with(&[0x16, 0x04, b'I', b'M', b'4', b'R'])
-        {
-            return Err(Img4Error::BadIm4r("it does not start with \"IM4R\""));
+    // Like the ticket, only the IM4R element itself is carried: bytes after it would end up
+    // inside the `[1]` wrapper, where iBoot (and `parse_img4`) would find garbage.
+    let im4r = match im4r {
+        Some(r) => {
+            let el = der::read(r)?;
+            if el.tag != Tag::SEQUENCE
+                || !el
+                    .content
+                    .starts_with(&[0x16, 0x04, b'I', b'M', b'4', b'R'])
+            {
+                return Err(Img4Error::BadIm4r("it does not start with \"IM4R\""));
+            }
+            Some(el.raw)
         }
-    }
+        None => None,
+    };
     let im4p_bytes = &im4p[payload.element.clone()];
     let magic = der::element(Tag::IA5_STRING, b"IMG4");
     let ticket_wrapped_len = der::header_len(Tag::context(0), ticket.len()) + ticket.len();
@@ -169,5 +175,54 @@ mod tests {
             hex::encode(Sha384::digest(LPOL_IM4P))
         );
         assert_eq!(im4p::build(*b"lpol", "1.0", &[0]), LPOL_IM4P);
+    }
+
+    /// Found by the `img4` fuzz target: an IM4R followed by stray bytes was stitched with
+    /// them inside the `[1]` wrapper, giving a container `parse_img4` refuses.
+    #[test]
+    fn stitch_drops_bytes_after_the_im4r() {
+        let im4r = im4r::build(
+            "SEP",
+            &Im4rInputs {
+                tbm: Some(TbmData {
+                    ucon: vec![1],
+                    ucer: vec![2],
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ticket = der::constructed(
+            Tag::SEQUENCE,
+            &[
+                &der::element(Tag::IA5_STRING, b"IM4M"),
+                &der::element(Tag::INTEGER, &[0]),
+                &der::element(
+                    Tag::SET,
+                    &der::property(
+                        *b"MANB",
+                        &der::element(
+                            Tag::SET,
+                            &der::property(
+                                *b"MANP",
+                                &der::element(
+                                    Tag::SET,
+                                    &der::property(*b"ECID", &der::element(Tag::INTEGER, &[5])),
+                                ),
+                            ),
+                        ),
+                    ),
+                ),
+            ],
+        );
+        let mut padded = im4r.clone();
+        padded.extend_from_slice(&[0xAB, 0xCD]);
+        let out = stitch("SEP", &LPOL_IM4P, &ticket, Some(&padded)).unwrap();
+        assert_eq!(
+            out,
+            stitch("SEP", &LPOL_IM4P, &ticket, Some(&im4r)).unwrap()
+        );
+        let parts = parse_img4(&out).unwrap();
+        assert_eq!(&out[parts.im4r.unwrap()], &im4r[..]);
     }
 }
