@@ -20,7 +20,10 @@ use restore_agent::usbmux::edge::{EdgeConfig, EdgeError, MuxHandle};
 use restore_sim_support::*;
 
 /// Bounds the whole host side of one restore; nothing in these tests should come near it.
-const HOST_DEADLINE: Duration = Duration::from_secs(60);
+/// Large images get 60 s more per GiB (each scenario streams the image twice).
+fn host_deadline(image_len: u64) -> Duration {
+    Duration::from_secs(60 + 60 * (image_len >> 30))
+}
 /// How long the simulated Mac waits for the host at any one point.
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Not a multiple of the ASR chunk, so the short last chunk is exercised; above 1 MiB because
@@ -67,6 +70,7 @@ async fn run_host(
     b: RestoreBehavior,
 ) -> Result<RestoreOutcome, HostError> {
     let transport = rig.usb.open(&rig.device()).unwrap();
+    let ctx_len = ctx.image().len();
     let work = async {
         let mux = Arc::new(MuxHandle::open(transport, EdgeConfig::default()).await?);
         let params = ctx.params(b);
@@ -78,9 +82,10 @@ async fn run_host(
         mux.close(Duration::from_secs(5)).await;
         Ok(result?)
     };
-    tokio::time::timeout(HOST_DEADLINE, work)
+    let deadline = host_deadline(ctx_len);
+    tokio::time::timeout(deadline, work)
         .await
-        .unwrap_or(Err(HostError::Hang(HOST_DEADLINE)))
+        .unwrap_or(Err(HostError::Hang(deadline)))
 }
 
 struct Run {
