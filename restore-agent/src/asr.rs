@@ -8,7 +8,7 @@
 //!
 //! [`CommandParser`] and [`packet_info`] are the sans-IO core; [`stream_image`] drives them over
 //! any tokio byte stream (a [`crate::usbmux::edge::MuxStream`] in production). The image is
-//! read through [`ImageSource`] on a blocking thread, at most
+//! read through [`RandomAccess`] on a blocking thread, at most
 //! [`AsrConfig::read_ahead_chunks`] chunks ahead of the stream, so memory stays bounded
 //! whatever the image size and disk reads overlap USB writes.
 
@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plist::{Dictionary, Value};
+
+pub use crate::ipsw::RandomAccess;
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
@@ -30,60 +32,10 @@ pub const MAX_COMMAND_LEN: usize = 1024 * 1024;
 /// Largest single OOB read we serve; the device reads headers and metadata this way.
 pub const MAX_OOB_LEN: u64 = 64 * 1024 * 1024;
 
-/// A fixed-length byte source read at arbitrary offsets (a local file, an IPSW entry, a
-/// remote range reader). Same shape as `ipsw::RandomAccess`, so either adapts to the other.
-pub trait ImageSource: Send + Sync {
-    fn len(&self) -> u64;
-    /// Fills `buf` from `offset`; fails rather than returning fewer bytes.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl ImageSource for Vec<u8> {
-    fn len(&self) -> u64 {
-        self.as_slice().len() as u64
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let start = usize::try_from(offset).ok();
-        let range = start.and_then(|s| Some(s..s.checked_add(buf.len())?));
-        match range.and_then(|r| self.get(r)) {
-            Some(bytes) => {
-                buf.copy_from_slice(bytes);
-                Ok(())
-            }
-            None => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("read of {} bytes at {offset} is past the end", buf.len()),
-            )),
-        }
-    }
-}
-
-/// A local image file (an extracted or stored IPSW entry); its length is fixed when opened.
-#[derive(Debug)]
-pub struct FileImage {
-    file: std::fs::File,
-    len: u64,
-}
-
-impl FileImage {
-    pub fn open(path: &std::path::Path) -> io::Result<Self> {
-        let file = std::fs::File::open(path)?;
-        let len = file.metadata()?.len();
-        Ok(Self { file, len })
-    }
-}
-
-impl ImageSource for FileImage {
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
-    }
-}
+/// The image ASR streams: any [`RandomAccess`] source (a local file, a stored IPSW entry from
+/// [`crate::ipsw::ZipArchive::stored_owned`], a remote [`crate::ipsw::RemoteFile`]), shared with
+/// the read-ahead thread.
+pub type ImageSource = Arc<dyn RandomAccess + Send + Sync>;
 
 /// A command from the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,7 +219,7 @@ pub struct AsrStats {
 /// `progress(sent, total)` is called after every chunk.
 pub async fn stream_image<S>(
     stream: &mut S,
-    source: Arc<dyn ImageSource>,
+    source: ImageSource,
     config: &AsrConfig,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<AsrStats, AsrError>
@@ -449,7 +401,7 @@ struct Chunk {
 
 async fn send_payload<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    source: Arc<dyn ImageSource>,
+    source: ImageSource,
     config: &AsrConfig,
     stats: &mut AsrStats,
     progress: &mut (dyn FnMut(u64, u64) + Send),
@@ -559,19 +511,6 @@ mod tests {
         let mut p = CommandParser::new();
         p.push(&vec![b'a'; MAX_COMMAND_LEN + 1]);
         assert!(matches!(p.next_command(), Err(AsrError::CommandTooLarge)));
-    }
-
-    #[test]
-    fn file_image_reads_at_offsets() {
-        let path = std::env::temp_dir().join(format!("asr-file-image-{}", std::process::id()));
-        std::fs::write(&path, b"0123456789").unwrap();
-        let img = FileImage::open(&path).unwrap();
-        assert_eq!(img.len(), 10);
-        let mut buf = [0u8; 3];
-        img.read_at(4, &mut buf).unwrap();
-        assert_eq!(&buf, b"456");
-        assert!(img.read_at(8, &mut buf).is_err());
-        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use plist::Value;
-use restore_agent::asr::{stream_image, AsrConfig, AsrError, ImageSource, CHUNK_SIZE};
+use restore_agent::asr::{stream_image, AsrConfig, AsrError, CHUNK_SIZE};
+use restore_agent::ipsw::RandomAccess;
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 
@@ -37,7 +38,7 @@ impl Gen {
     }
 }
 
-impl ImageSource for Gen {
+impl RandomAccess for Gen {
     fn len(&self) -> u64 {
         self.len
     }

@@ -149,7 +149,7 @@ fn gen_byte(offset: u64) -> u8 {
 
 struct Gen;
 
-impl restore_agent::asr::ImageSource for Gen {
+impl restore_agent::ipsw::RandomAccess for Gen {
     fn len(&self) -> u64 {
         IMAGE_LEN
     }

@@ -95,27 +95,6 @@ pub async fn off_runtime<T: Send + 'static>(
         .map_err(|_| "a worker thread stopped unexpectedly".to_string())
 }
 
-/// The system image inside a stored (uncompressed) ZIP entry, read in place.
-struct EntryImage {
-    file: SharedFile,
-    offset: u64,
-    len: u64,
-}
-
-impl ImageSource for EntryImage {
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.len)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past the image's end"))?;
-        let _ = end;
-        self.file.read_at(self.offset + offset, buf)
-    }
-}
-
 /// Largest compressed system image inflated into memory (test IPSWs); real IPSWs store it.
 const MAX_INFLATED_OS: u64 = 256 << 20;
 /// Largest IPSW file served whole to restored (kernelcaches, firmware: tens of MiB).
@@ -306,7 +285,7 @@ impl RestoreContext for EngineContext {
         Ok(v)
     }
 
-    async fn os_image(&self) -> Result<Arc<dyn ImageSource>, ContextError> {
+    async fn os_image(&self) -> Result<ImageSource, ContextError> {
         let path = self
             .identity
             .get("Manifest")
@@ -320,18 +299,14 @@ impl RestoreContext for EngineContext {
             .ok_or_else(|| ContextError::NotFound("the system image (Manifest.OS)".into()))?
             .to_string();
         let ipsw = Arc::clone(&self.ipsw);
-        off_runtime(move || -> Result<Arc<dyn ImageSource>, ContextError> {
+        off_runtime(move || -> Result<ImageSource, ContextError> {
             let archive = ipsw.archive();
             let entry = archive
                 .entry(&path)
                 .ok_or_else(|| ContextError::NotFound(path.clone()))?;
             if entry.method == Method::Stored {
-                let offset = archive.data_offset(entry).map_err(failed)?;
-                Ok(Arc::new(EntryImage {
-                    file: archive.source().clone(),
-                    offset,
-                    len: entry.uncompressed_size,
-                }))
+                // Read in place: ASR streams the entry straight out of the IPSW.
+                Ok(Arc::new(archive.stored_owned(entry).map_err(failed)?))
             } else {
                 let bytes = archive
                     .read_to_vec(entry, MAX_INFLATED_OS)

@@ -33,8 +33,9 @@ use super::{
     PathOrUrl, Stage,
 };
 
-/// How long the usbmux link stays up after the final status was acknowledged.
-const FINAL_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+/// Upper bound for handing the last queued bytes (ReceivedFinalStatusMsg) to USB before the
+/// usbmux link closes.
+const FINAL_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How many catalog builds `--latest` tries before giving up (newest first).
 const MAX_BUILDS_TRIED: usize = 6;
@@ -755,13 +756,9 @@ async fn attempt(run: &mut Run, p: &Prepared, device: &DeviceInfo) -> Result<(),
         Ok(client) => client.restore(params).await,
         Err(e) => Err(e),
     };
-    if result.is_ok() {
-        // The mux delivers accepted bytes on its own threads and has no drain: give the last
-        // message (ReceivedFinalStatusMsg) time to leave before the link is closed. The Mac
-        // reboots by itself afterwards.
-        tokio::time::sleep(FINAL_LINGER).await;
-    }
-    mux.shutdown();
+    // Drain before closing: restored waits for ReceivedFinalStatusMsg, and an aborted session's
+    // RSTs must reach the Mac too. The Mac reboots by itself afterwards.
+    mux.close(FINAL_DRAIN).await;
     for (name, result) in lock(&ctx.checkpoints).drain(..) {
         run.report.checkpoints.push(CheckpointRecord {
             attempt: run.attempt,

@@ -543,7 +543,20 @@ impl<R: RandomAccess> ZipArchive<R> {
     }
 
     /// Random access to a stored (uncompressed) entry, e.g. the OS image for ASR.
-    pub fn stored(&self, entry: &ZipEntry) -> Result<StoredEntry<'_, R>, ZipError> {
+    pub fn stored(&self, entry: &ZipEntry) -> Result<StoredEntry<&R>, ZipError> {
+        self.stored_with(entry, &self.source)
+    }
+
+    /// Like [`ZipArchive::stored`], but the entry owns a clone of the source (an `Arc`), so it
+    /// can outlive the archive and move to ASR's reader thread.
+    pub fn stored_owned(&self, entry: &ZipEntry) -> Result<StoredEntry<R>, ZipError>
+    where
+        R: Clone,
+    {
+        self.stored_with(entry, self.source.clone())
+    }
+
+    fn stored_with<S>(&self, entry: &ZipEntry, source: S) -> Result<StoredEntry<S>, ZipError> {
         check_readable(entry)?;
         if entry.method != Method::Stored {
             return Err(ZipError::Unsupported {
@@ -558,7 +571,7 @@ impl<R: RandomAccess> ZipArchive<R> {
             )));
         }
         Ok(StoredEntry {
-            source: &self.source,
+            source,
             name: entry.name.clone(),
             start: self.data_offset(entry)?,
             len: entry.uncompressed_size,
@@ -754,16 +767,18 @@ fn missing_eocd<R: RandomAccess>(source: &R, tail: &[u8], tail_start: u64) -> Zi
     }
 }
 
-/// Random access into a stored entry: offsets are relative to the entry's first byte.
+/// Random access into a stored entry: offsets are relative to the entry's first byte. `S` is
+/// the archive's source, borrowed ([`ZipArchive::stored`]) or owned
+/// ([`ZipArchive::stored_owned`]).
 #[derive(Debug)]
-pub struct StoredEntry<'a, R> {
-    source: &'a R,
+pub struct StoredEntry<S> {
+    source: S,
     name: String,
     start: u64,
     len: u64,
 }
 
-impl<R: RandomAccess> StoredEntry<'_, R> {
+impl<S: RandomAccess> StoredEntry<S> {
     /// Offset of the entry's first byte in the archive.
     pub fn data_offset(&self) -> u64 {
         self.start
@@ -780,12 +795,12 @@ impl<R: RandomAccess> StoredEntry<'_, R> {
                 size: self.len,
             });
         }
-        read(self.source, self.start + offset, buf)
+        read(&self.source, self.start + offset, buf)
     }
 }
 
 /// A stored entry is itself a random-access source (ASR reads the OS image this way).
-impl<R: RandomAccess> RandomAccess for StoredEntry<'_, R> {
+impl<S: RandomAccess> RandomAccess for StoredEntry<S> {
     fn len(&self) -> u64 {
         self.len
     }

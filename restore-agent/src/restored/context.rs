@@ -7,7 +7,6 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
 
 use plist::Dictionary;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -93,7 +92,7 @@ pub trait RestoreContext: Send + Sync + 'static {
 
     /// The system image to stream with ASR (`Manifest.OS` of the selected identity; also used
     /// for `RecoveryOSASRImage`, §12.7).
-    fn os_image(&self) -> impl Future<Output = Result<Arc<dyn ImageSource>, ContextError>> + Send;
+    fn os_image(&self) -> impl Future<Output = Result<ImageSource, ContextError>> + Send;
 
     /// `FirmwareResponseData` for a `FirmwareUpdaterData` request's arguments (§4.9).
     fn firmware_updater(

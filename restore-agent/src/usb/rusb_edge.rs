@@ -336,7 +336,7 @@ impl UsbBus for RusbBus {
         let handle = self.find(device)?.open().map_err(map)?;
         Ok(Box::new(RusbTransport {
             info: device.clone(),
-            handle,
+            handle: Arc::new(handle),
         }))
     }
 
@@ -352,9 +352,13 @@ impl UsbBus for RusbBus {
 }
 
 /// One opened device.
+///
+/// The handle is shared so [`UsbTransport::bulk_handle`] can give the usbmux reader thread its
+/// own transport: libusb transfers on one handle are thread-safe, and every `DeviceHandle`
+/// method rusb exposes takes `&self`. The device closes when the last clone is dropped.
 pub struct RusbTransport {
     info: DeviceInfo,
-    handle: rusb::DeviceHandle<rusb::Context>,
+    handle: Arc<rusb::DeviceHandle<rusb::Context>>,
 }
 
 impl UsbTransport for RusbTransport {
@@ -469,6 +473,13 @@ impl UsbTransport for RusbTransport {
             }
             Err(e) => Err(map(e)),
         }
+    }
+
+    fn bulk_handle(&self) -> Option<Box<dyn UsbTransport>> {
+        Some(Box::new(RusbTransport {
+            info: self.info.clone(),
+            handle: Arc::clone(&self.handle),
+        }))
     }
 }
 

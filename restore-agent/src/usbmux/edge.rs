@@ -261,6 +261,10 @@ struct Shared {
     core: Mutex<Core>,
     notify: Notify,
     ready: watch::Sender<Option<u32>>,
+    /// After every pass of the driver: (pass number, nothing left to hand to the writer and no
+    /// transfer in flight). [`MuxHandle::close`] waits on it so the last bytes (restored's
+    /// `ReceivedFinalStatusMsg`, a connection's close) reach the Mac before the link stops.
+    flushed: watch::Sender<(u64, bool)>,
     stop: AtomicBool,
 }
 
@@ -324,6 +328,7 @@ impl MuxHandle {
             }),
             notify: Notify::new(),
             ready: ready_tx,
+            flushed: watch::channel((0, false)).0,
             stop: AtomicBool::new(false),
         });
         let (reader, writer, poll) = match transport.bulk_handle() {
@@ -436,6 +441,24 @@ impl MuxHandle {
     }
 
     /// Stops the threads and the driver; open streams fail from now on.
+    /// Stops the link once everything already sent on it has been handed to USB (at most
+    /// `timeout`), then like [`MuxHandle::shutdown`]. Use it at the end of a session: a bare
+    /// shutdown can drop the last message or a connection close still queued.
+    pub async fn close(&self, timeout: Duration) {
+        if self.shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut rx = self.shared.flushed.subscribe();
+        let start = rx.borrow_and_update().0;
+        self.shared.notify.notify_one();
+        let flushed = rx.wait_for(|&(pass, idle)| pass > start && idle);
+        if tokio::time::timeout(timeout, flushed).await.is_err() {
+            debug!(?timeout, "usbmux output not flushed before closing");
+        }
+        self.shutdown();
+    }
+
+    /// Stops the link at once; what is still queued is dropped.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared
@@ -559,13 +582,16 @@ async fn drive(
     queue_limit: usize,
 ) {
     let mut in_flight = 0usize;
+    let mut pass = 0u64;
     loop {
         let deadline = {
             let mut core = shared.lock();
+            let mut drained = false;
             // Move what the mux wants to send to the writer, up to the queue limit.
             if core.failed.is_none() {
                 while in_flight < queue_limit {
                     let Some(t) = core.mux.poll_transmit() else {
+                        drained = true;
                         break;
                     };
                     if out.send(t).is_err() {
@@ -576,6 +602,9 @@ async fn drive(
                 }
             }
             core.dispatch_events(&shared.ready);
+            pass += 1;
+            let idle = core.failed.is_some() || (drained && in_flight == 0);
+            shared.flushed.send_replace((pass, idle));
             core.mux.poll_timeout(Instant::now())
         };
         if shared.stop.load(Ordering::SeqCst) {

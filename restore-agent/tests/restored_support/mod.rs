@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use plist::{Dictionary, Value};
 use restore_agent::asr::ImageSource;
+use restore_agent::ipsw::RandomAccess;
 use restore_agent::restored::{
     Connector, ContextError, LocalPolicyArgs, RestoreContext, RestoreEvent, UrlRequest, UrlResponse,
 };
@@ -113,7 +114,7 @@ pub fn gen_byte(offset: u64) -> u8 {
     (x >> 29) as u8 ^ (offset >> 17) as u8
 }
 
-impl ImageSource for GenImage {
+impl RandomAccess for GenImage {
     fn len(&self) -> u64 {
         self.len
     }
@@ -229,7 +230,7 @@ impl RestoreContext for MemContext {
             .cloned()
             .collect())
     }
-    async fn os_image(&self) -> Result<Arc<dyn ImageSource>, ContextError> {
+    async fn os_image(&self) -> Result<ImageSource, ContextError> {
         Ok(Arc::new(GenImage {
             len: self.image_len,
         }))

@@ -225,6 +225,8 @@ impl UsbTransport for SimTransport {
         _timeout: Duration,
     ) -> Result<usize, TransportError> {
         self.check_current()?;
+        // An empty `data` goes through as is: it is a zero-length packet, which the simulated
+        // device counts (usbmux must end a packet that fills whole USB packets with one).
         match self.bus.bulk_out(self.port, endpoint, data).map_err(gone)? {
             Reply::Ack(_) => Ok(data.len()),
             Reply::Stall => Err(TransportError::Stall),
@@ -239,6 +241,7 @@ impl UsbTransport for SimTransport {
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
         let deadline = Instant::now() + timeout;
+        let mut naks = 0u32;
         loop {
             self.check_current()?;
             match self
@@ -251,7 +254,18 @@ impl UsbTransport for SimTransport {
                 Reply::Nak if Instant::now() >= deadline => {
                     return Err(TransportError::Timeout(timeout))
                 }
-                Reply::Nak => std::thread::sleep(Duration::from_millis(1)),
+                Reply::Nak => {
+                    // A real host controller completes the transfer the moment the device has
+                    // data. Polling with a flat 1 ms sleep would cap usbmux at one window per
+                    // millisecond, so back off from yielding to at most 1 ms.
+                    naks = naks.saturating_add(1);
+                    if naks < 64 {
+                        std::thread::yield_now();
+                    } else {
+                        let us = u64::from(naks - 63).saturating_mul(20).min(1000);
+                        std::thread::sleep(Duration::from_micros(us));
+                    }
+                }
             }
         }
     }
@@ -286,5 +300,17 @@ impl UsbTransport for SimTransport {
             Ok(()) | Err(BusError::Gone(_)) => Ok(()),
             Err(e) => Err(gone(e)),
         }
+    }
+
+    /// Like libusb, one opened device serves transfers from several threads; the clone stays
+    /// tied to the same incarnation, so it too reports `Disconnected` after a re-attach.
+    fn bulk_handle(&self) -> Option<Box<dyn UsbTransport>> {
+        Some(Box::new(SimTransport {
+            bus: Arc::clone(&self.bus),
+            state: Arc::clone(&self.state),
+            port: self.port,
+            generation: self.generation,
+            info: self.info.clone(),
+        }))
     }
 }

@@ -203,6 +203,7 @@ impl SimMac {
             StartMode::Dfu => UsbMode::Dfu,
             StartMode::PortDfu => UsbMode::PortDfu,
             StartMode::Recovery => UsbMode::Recovery(1),
+            StartMode::Restore => UsbMode::Restore,
         };
         let mut mac = SimMac {
             descriptors: Descriptors::new(mode, &identity),

@@ -17,6 +17,9 @@ pub enum StartMode {
     PortDfu,
     /// The Mac is already in Recovery, running iBoot stage 1 (05ac:1281).
     Recovery,
+    /// The Mac already booted its restore ramdisk (05ac:1901, usbmux): restore-mode tests
+    /// start here instead of walking the boot chain. Needs `SimMac::with_restore`.
+    Restore,
 }
 
 impl FromStr for StartMode {
@@ -26,10 +29,11 @@ impl FromStr for StartMode {
             "dfu" => Ok(StartMode::Dfu),
             "portdfu" | "port-dfu" => Ok(StartMode::PortDfu),
             "recovery" => Ok(StartMode::Recovery),
+            "restore" => Ok(StartMode::Restore),
             _ => Err(FaultError::BadValue {
                 key: "start".into(),
                 value: s.into(),
-                expected: "dfu, portdfu or recovery",
+                expected: "dfu, portdfu, recovery or restore",
             }),
         }
     }
@@ -41,6 +45,7 @@ impl fmt::Display for StartMode {
             StartMode::Dfu => "dfu",
             StartMode::PortDfu => "portdfu",
             StartMode::Recovery => "recovery",
+            StartMode::Restore => "restore",
         })
     }
 }

@@ -29,6 +29,8 @@ enum Mode {
     Dfu,
     Portdfu,
     Recovery,
+    /// Already in restore mode (needs --scenario).
+    Restore,
 }
 
 impl From<Mode> for StartMode {
@@ -37,11 +39,40 @@ impl From<Mode> for StartMode {
             Mode::Dfu => StartMode::Dfu,
             Mode::Portdfu => StartMode::PortDfu,
             Mode::Recovery => StartMode::Recovery,
+            Mode::Restore => StartMode::Restore,
         }
     }
 }
 
 const DEFAULT_ECID: &str = "001C2B3A4D5E6F70";
+
+/// A restore factory that also reports, on stderr, how each restore-mode boot ended (the
+/// USB/IP server runs until killed, so this is how a VM demo learns the result).
+fn restore_factory(
+    scenario: mac_sim::restore::scenario::Scenario,
+    cfg: mac_sim::restore::RestoreConfig,
+    ecid: u64,
+) -> mac_sim::device::RestoreFactory {
+    let latest = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let mut inner = mac_sim::restore::RestoreOs::factory(scenario, cfg, latest.clone());
+    Box::new(move |board, id| {
+        let os = inner(board, id);
+        let handle = os.handle();
+        std::thread::spawn(move || {
+            let outcome = loop {
+                let o = handle.wait(std::time::Duration::from_secs(3600));
+                if o != mac_sim::restore::restored::Outcome::Running {
+                    break o;
+                }
+            };
+            eprintln!(
+                "mac-sim {ecid:016X}: restore scenario ended: {outcome:?}; usbmux violations: {}",
+                handle.violations().total()
+            );
+        });
+        os
+    })
+}
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -78,6 +109,13 @@ enum Cmd {
         /// Short reboot delays (tens of milliseconds) instead of near-real ones.
         #[arg(long)]
         fast: bool,
+        /// Restore-mode behaviour after `bootx` (or with --start restore): play this scenario
+        /// file (see tests/mac-sim/README.md). Without it the restore-mode Mac only NAKs.
+        #[arg(long, value_name = "FILE")]
+        scenario: Option<PathBuf>,
+        /// How long the simulated restore OS waits for the host at any one point (seconds).
+        #[arg(long, default_value_t = 60, requires = "scenario")]
+        restore_timeout: u64,
     },
     /// Serve files like Apple's firmware CDN (ranges, per-connection rate limit, faults).
     Cdn(CdnArgs),
@@ -271,10 +309,21 @@ fn main() -> Result<()> {
             attach,
             count,
             fast,
+            scenario,
+            restore_timeout,
         } => {
             if count == 0 {
                 bail!("--count must be at least 1");
             }
+            if matches!(start, Mode::Restore) && scenario.is_none() {
+                bail!("--start restore needs --scenario FILE: a restore-mode Mac plays a scenario");
+            }
+            let scenario = scenario
+                .map(|p| {
+                    mac_sim::restore::scenario::Scenario::load(&p)
+                        .with_context(|| format!("cannot load the scenario {}", p.display()))
+                })
+                .transpose()?;
             let board = Board::load(&board)?;
             let faults = Faults::from_specs(&faults)?;
             let ecid = parse_ecid(&ecid)?;
@@ -283,15 +332,28 @@ fn main() -> Result<()> {
             } else {
                 Timing::default()
             };
+            let restore_cfg = mac_sim::restore::RestoreConfig {
+                timeout: std::time::Duration::from_secs(restore_timeout),
+                ..Default::default()
+            };
             let devices: Vec<Box<dyn SimDevice>> = (0..u64::from(count))
                 .map(|i| {
-                    Box::new(SimMac::new(
+                    let mac = SimMac::new(
                         board.clone(),
                         ecid.wrapping_add(i),
                         start.into(),
                         faults.clone(),
                         timing,
-                    )) as Box<dyn SimDevice>
+                    );
+                    let mac = match &scenario {
+                        Some(sc) => mac.with_restore(restore_factory(
+                            sc.clone(),
+                            restore_cfg.clone(),
+                            ecid.wrapping_add(i),
+                        )),
+                        None => mac,
+                    };
+                    Box::new(mac) as Box<dyn SimDevice>
                 })
                 .collect();
             mac_sim::usbip::serve(devices, mac_sim::usbip::ExportOptions::new(listen, attach))
