@@ -42,8 +42,8 @@ case "$KIND" in
     *) die "MACRESCUE_IMAGE_KIND must be station or reference" ;;
 esac
 KDEST="$VM_OUT/image/kernel-$ARCH"
-# Until `restore-agent station` exists, the image runs the hotplug device list as its station.
-STATION="${MACRESCUE_STATION:-restore-agent devices --watch}"
+# Reports, logs and the IPSW cache live on the data partition (the init mounts it at /data).
+STATION="${MACRESCUE_STATION:-restore-agent station --data /data --cache /data/ipsw}"
 DATA_MIB="${MACRESCUE_DATA_MIB:-64}"
 ESP_MIB=64
 # Drivers a station PC needs: USB host controllers and mass storage (the stick itself, IPSW
