@@ -13,55 +13,15 @@ use mac_sim::device::{SimMac, Timing};
 use mac_sim::faults::{Faults, StartMode};
 use mac_sim::images;
 use restore_agent::bootchain::driver::{
-    wait_for_device, BootchainError, Driver, DriverOptions, Outcome, Progress, Timeouts,
+    wait_for_device, BootchainError, Driver, DriverOptions, Outcome, Progress,
 };
 use restore_agent::bootchain::images::{ImageError, ImageProvider, PersonalizedDir};
 use restore_agent::identity::{self, AppleMode};
 use restore_agent::manifest::{BuildManifest, RestoreBehavior};
 use restore_agent::usb::UsbBus;
-use support::SimUsb;
+use support::{fast_timeouts, manifest_path, SimUsb, TempDir};
 
 const ECID: u64 = 0x001c_2b3a_4d5e_6f70;
-
-fn shared() -> PathBuf {
-    std::env::var_os("MACRESCUE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-}
-
-fn manifest_path(board: &str) -> PathBuf {
-    let dir = shared().join("fixtures/manifests/macOS_26.2_25C56_PreflightBuildManifests");
-    std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".BuildManifest.plist"))
-                .is_some_and(|b| b.eq_ignore_ascii_case(board))
-        })
-        .unwrap_or_else(|| panic!("no fixture manifest for {board}"))
-}
-
-/// Short waits: the simulated Mac reboots in tens of milliseconds.
-fn fast_timeouts() -> Timeouts {
-    Timeouts {
-        discovery: Duration::from_secs(2),
-        ibss_disconnect: Duration::from_secs(2),
-        ibss_reconnect: Duration::from_secs(2),
-        ibec_disconnect: Duration::from_secs(2),
-        ibec_reconnect: Duration::from_secs(2),
-        recovery_ibec_disconnect: Duration::from_secs(2),
-        recovery_ibec_reconnect: Duration::from_secs(2),
-        bootx_leave: Duration::from_secs(2),
-        restore_mode: Duration::from_secs(2),
-        transfer: Duration::from_secs(2),
-        open_attempts: 5,
-        open_interval: Duration::from_millis(20),
-        max_pause: Duration::from_millis(5),
-    }
-}
 
 struct Run {
     result: Result<Outcome, BootchainError>,
@@ -85,8 +45,8 @@ impl ImageProvider for Recording {
     }
 }
 
-fn images_for(board: &Board) -> tempdir::Dir {
-    let dir = tempdir::Dir::new(&board.board_config);
+fn images_for(board: &Board) -> TempDir {
+    let dir = TempDir::new(&board.board_config);
     images::write_bootchain(board, dir.path()).unwrap();
     dir
 }
@@ -292,7 +252,7 @@ fn a_rejected_ibss_keeps_the_mac_in_dfu() {
 fn an_ibss_for_another_board_is_rejected_by_the_rom() {
     let other = Board::load("j313ap").unwrap();
     let (r, _) = run_with("j274ap", Faults::default(), options(), |dir| {
-        let tmp = tempdir::Dir::new("other");
+        let tmp = TempDir::new("other");
         images::write_bootchain(&other, tmp.path()).unwrap();
         std::fs::copy(tmp.path().join("iBSS.img4"), dir.join("iBSS.img4")).unwrap();
     });
@@ -472,7 +432,7 @@ fn manifest_with_ids(dir: &Path, cpid: &str, bdid: &str) -> PathBuf {
 
 #[test]
 fn a_mac_newer_than_the_table_is_restored_from_a_manifest_that_lists_its_board() {
-    let tmp = tempdir::Dir::new("unknown-mac");
+    let tmp = TempDir::new("unknown-mac");
     let manifest = manifest_with_ids(tmp.path(), "0x8152", "0x30");
     let (r, _) = run_board(
         unknown_mac(),
@@ -488,7 +448,7 @@ fn a_mac_newer_than_the_table_is_restored_from_a_manifest_that_lists_its_board()
 
 #[test]
 fn a_mac_newer_than_the_table_without_a_matching_manifest_names_its_ids() {
-    let tmp = tempdir::Dir::new("unknown-mac-nomatch");
+    let tmp = TempDir::new("unknown-mac-nomatch");
     let manifest = manifest_with_ids(tmp.path(), "0x8103", "0x22");
     let (r, _) = run_board(
         unknown_mac(),
@@ -510,35 +470,4 @@ fn a_stalled_dfu_status_request_is_a_named_error() {
         "{e}"
     );
     assert!(e.to_string().contains("stall"), "{e}");
-}
-
-/// A temporary directory removed on drop (no extra dependency for one test helper).
-mod tempdir {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new(tag: &str) -> Dir {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "macrescue-bootchain-{}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed),
-                tag
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

@@ -10,7 +10,7 @@ mod support;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -32,38 +32,12 @@ use restore_agent::engine::{
 use restore_agent::http::HttpConfig;
 use restore_agent::tss_client::TssClientConfig;
 use restore_agent::usb::{DeviceInfo, UsbBus};
-use support::SimUsb;
+use support::{shared, SimUsb, TempDir};
 
 const ECID: u64 = 0x0011_2233_4455_6677;
 const BOARD: &str = "j274ap";
 /// Small system image: every test streams it through ASR.
 const OS_SIZE: u64 = 1 << 20;
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "macrescue-engine-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn shared() -> PathBuf {
-    std::env::var_os("MACRESCUE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")))
-}
 
 fn scenarios_dir() -> PathBuf {
     PathBuf::from(concat!(

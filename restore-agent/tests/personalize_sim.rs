@@ -7,9 +7,7 @@
 mod support;
 
 use std::cell::RefCell;
-use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mac_sim::board::Board;
@@ -18,7 +16,7 @@ use mac_sim::faults::{Faults, StartMode};
 use mac_sim::images::{fourcc_for, LPOL_IM4P};
 use mac_sim::img4::{build_im4m, build_im4p, FourCc, TicketSpec};
 use plist::{Dictionary, Value};
-use restore_agent::bootchain::driver::{wait_for_device, Driver, DriverOptions, Timeouts};
+use restore_agent::bootchain::driver::{wait_for_device, Driver, DriverOptions};
 use restore_agent::bootchain::images::{ImageError, ImageProvider};
 use restore_agent::identity;
 use restore_agent::manifest::{BuildIdentity, BuildManifest, RestoreBehavior};
@@ -28,69 +26,12 @@ use restore_agent::personalize::{
 use restore_agent::tss::TssParams;
 use restore_agent::usb::UsbBus;
 use sha2::{Digest, Sha384};
-use support::SimUsb;
+use support::{fast_timeouts, manifest_path, SimUsb, TempDir};
 
 const ECID: u64 = 0x0011_2233_4455_6677;
 
-fn shared() -> PathBuf {
-    std::env::var_os("MACRESCUE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-}
-
 fn manifest_for(board: &str) -> BuildManifest {
-    let dir = shared().join("fixtures/manifests/macOS_26.2_25C56_PreflightBuildManifests");
-    let path = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".BuildManifest.plist"))
-                .is_some_and(|b| b.eq_ignore_ascii_case(board))
-        })
-        .unwrap();
-    BuildManifest::from_path(&path).unwrap()
-}
-
-fn fast_timeouts() -> Timeouts {
-    Timeouts {
-        discovery: Duration::from_secs(2),
-        ibss_disconnect: Duration::from_secs(2),
-        ibss_reconnect: Duration::from_secs(2),
-        ibec_disconnect: Duration::from_secs(2),
-        ibec_reconnect: Duration::from_secs(2),
-        recovery_ibec_disconnect: Duration::from_secs(2),
-        recovery_ibec_reconnect: Duration::from_secs(2),
-        bootx_leave: Duration::from_secs(2),
-        restore_mode: Duration::from_secs(2),
-        transfer: Duration::from_secs(2),
-        open_attempts: 5,
-        open_interval: Duration::from_millis(20),
-        max_pause: Duration::from_millis(5),
-    }
-}
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "macrescue-personalize-sim-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    BuildManifest::from_path(&manifest_path(board)).unwrap()
 }
 
 fn payload(path: &str) -> Vec<u8> {

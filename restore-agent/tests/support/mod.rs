@@ -9,12 +9,15 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mac_sim::inproc::{BusError, BusEvent, SimBus};
 use mac_sim::wire::{Reply, Setup, SimDevice};
+use restore_agent::bootchain::driver::Timeouts;
 use restore_agent::usb::{
     ControlSetup, DeviceInfo, HotplugEvent, TransportError, UsbBus, UsbLocation, UsbTransport,
 };
@@ -312,5 +315,74 @@ impl UsbTransport for SimTransport {
             generation: self.generation,
             info: self.info.clone(),
         }))
+    }
+}
+
+/// `shared/` beside the repository (CI clones with it there); `MACRESCUE_SHARED` overrides.
+pub fn shared() -> PathBuf {
+    std::env::var_os("MACRESCUE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+}
+
+/// The fixture BuildManifest of `board` (file names vary in case, e.g. `J314cAP`).
+pub fn manifest_path(board: &str) -> PathBuf {
+    let dir = shared().join("fixtures/manifests/macOS_26.2_25C56_PreflightBuildManifests");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".BuildManifest.plist"))
+                .is_some_and(|b| b.eq_ignore_ascii_case(board))
+        })
+        .unwrap_or_else(|| panic!("no fixture manifest for {board}"))
+}
+
+/// Short waits for the boot-chain driver: the simulated Mac reboots in tens of milliseconds.
+pub fn fast_timeouts() -> Timeouts {
+    Timeouts {
+        discovery: Duration::from_secs(2),
+        ibss_disconnect: Duration::from_secs(2),
+        ibss_reconnect: Duration::from_secs(2),
+        ibec_disconnect: Duration::from_secs(2),
+        ibec_reconnect: Duration::from_secs(2),
+        recovery_ibec_disconnect: Duration::from_secs(2),
+        recovery_ibec_reconnect: Duration::from_secs(2),
+        bootx_leave: Duration::from_secs(2),
+        restore_mode: Duration::from_secs(2),
+        transfer: Duration::from_secs(2),
+        open_attempts: 5,
+        open_interval: Duration::from_millis(20),
+        max_pause: Duration::from_millis(5),
+    }
+}
+
+/// A scratch directory removed on drop, however the test ends.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "macrescue-test-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
