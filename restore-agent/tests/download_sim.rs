@@ -271,6 +271,8 @@ fn the_slowest_part_is_raced_near_the_end() {
         let served = cdn.served(NAME);
         assert_eq!(served.len(), 5, "four parts and one racer: {served:?}");
         // The racer fetched the slow part's rest; the slow response was cut off before its end.
+        // How many bytes the slow response got out before the race is timing (none at all on
+        // an idle machine), so it may have started exactly where the racer did.
         let r = raced[0];
         assert!(
             served.iter().any(|s| s.start == r.start && s.end == r.end),
@@ -279,7 +281,7 @@ fn the_slowest_part_is_raced_near_the_end() {
         assert!(
             served
                 .iter()
-                .any(|s| s.start < r.start && s.end >= r.start && s.end < r.end),
+                .any(|s| s.start <= r.start && s.end >= r.start && s.end < r.end),
             "{served:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
