@@ -80,9 +80,21 @@ pub struct Identity {
     pub port_prev: u8,
     pub ap_nonce: [u8; 32],
     pub sep_nonce: [u8; 20],
+    /// The PID the restore OS enumerates with: 0x1901–0x1905 on most Apple Silicon Macs, but
+    /// an M1 MacBook Pro was seen as 05ac:12ac in restore mode (field-notes.md §1.4), the
+    /// iOS range that usbmuxd releases before 2021 (Debian 12's 1.1.1) accept.
+    pub restore_pid: u16,
 }
 
 impl Identity {
+    /// The product ID this Mac shows in `mode`.
+    pub fn product_id(&self, mode: UsbMode) -> u16 {
+        match mode {
+            UsbMode::Restore => self.restore_pid,
+            _ => mode.product_id(),
+        }
+    }
+
     /// The iSerialNumber string for `mode` (protocol.md §1.3).
     pub fn serial_string(&self, mode: UsbMode) -> String {
         let common = |ibfl: u8, bdid: String| {
@@ -147,6 +159,7 @@ pub struct AltSetting {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptors {
     pub mode: UsbMode,
+    pub product_id: u16,
     pub device: Vec<u8>,
     pub configuration: Vec<u8>,
     /// String descriptors by index (index 0 is the language list, built separately).
@@ -165,7 +178,7 @@ fn bulk_endpoint(addr: u8) -> [u8; 7] {
 
 impl Descriptors {
     pub fn new(mode: UsbMode, id: &Identity) -> Descriptors {
-        let pid = mode.product_id();
+        let pid = id.product_id(mode);
         let vid = APPLE_VID.to_le_bytes();
         let p = pid.to_le_bytes();
         // bcdDevice 0.00 as in the one real DFU listing (fixtures/usb [1]).
@@ -266,6 +279,7 @@ impl Descriptors {
         strings.sort();
         Descriptors {
             mode,
+            product_id: pid,
             device,
             configuration,
             strings,
@@ -276,7 +290,7 @@ impl Descriptors {
     pub fn enumeration(&self) -> Enumeration {
         Enumeration {
             vendor_id: APPLE_VID,
-            product_id: self.mode.product_id(),
+            product_id: self.product_id,
             speed: Speed::High,
             device_descriptor: self.device.clone(),
             configurations: vec![self.configuration.clone()],
@@ -339,6 +353,7 @@ mod tests {
             port_prev: 0x02,
             ap_nonce: [0xab; 32],
             sep_nonce: [0x5e; 20],
+            restore_pid: PID_RESTORE,
         }
     }
 

@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use crate::board::Board;
-use crate::descriptors::{Descriptors, Identity, UsbMode, EP_RECOVERY_CONSOLE_IN, EP_RECOVERY_OUT};
+use crate::descriptors::{
+    Descriptors, Identity, UsbMode, EP_RECOVERY_CONSOLE_IN, EP_RECOVERY_OUT, PID_RESTORE,
+};
 use crate::dfu::{DfuConfig, DfuMachine, DfuState};
 use crate::faults::{Faults, Stage, StartMode};
 use crate::iboot::{Iboot, IbootEvent, IbootStage};
@@ -193,6 +195,7 @@ impl SimMac {
             port_prev: 0x02,
             ap_nonce: [0; 32],
             sep_nonce: [0; 20],
+            restore_pid: faults.restore_pid.unwrap_or(PID_RESTORE),
         };
         fill(ecid ^ 0xa9, &mut identity.ap_nonce);
         fill(ecid ^ 0x5e9, &mut identity.sep_nonce);
@@ -701,6 +704,37 @@ mod tests {
             faults,
             Timing::fast(),
         )
+    }
+
+    #[test]
+    fn restore_pid_knob_changes_only_restore_mode() {
+        let m = mac(StartMode::Restore, Faults::default());
+        assert_eq!(m.enumeration().product_id, 0x1901);
+        let faults = Faults::from_specs(&["restore-pid=0x12ac"]).unwrap();
+        let m = mac(StartMode::Restore, faults.clone());
+        let e = m.enumeration();
+        assert_eq!(e.product_id, 0x12ac);
+        // The device descriptor (idProduct at bytes 10..12) says the same as the USB/IP export.
+        assert_eq!(e.device_descriptor[10..12], [0xac, 0x12]);
+        assert_eq!(mac(StartMode::Dfu, faults).enumeration().product_id, 0x1227);
+    }
+
+    #[test]
+    fn restore_mode_stalls_usbmuxd_mode_requests() {
+        // usbmuxd (since 2021) asks GET_MODE (C0/45, 4 bytes) and may send SET_MODE (C0/52);
+        // nothing says a Mac's restore OS implements them, and on a stall usbmuxd completes
+        // initialization in the current mode instead of waiting for a mode switch.
+        let mut m = mac(StartMode::Restore, Faults::default());
+        for (request, index, length) in [(0x45, 0, 4), (0x52, 1, 1)] {
+            let setup = Setup {
+                request_type: 0xc0,
+                request,
+                value: 0,
+                index,
+                length,
+            };
+            assert_eq!(m.control(&setup, &[]), Reply::Stall);
+        }
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub struct Faults {
     pub refuse_ibss: bool,
     /// Check the DFU suffix CRC (libirecovery's variant). Off mimics a ROM that ignores it.
     pub verify_crc: bool,
+    /// Enumerate in restore mode with this PID instead of 0x1901, as some Macs do (an M1
+    /// MacBook Pro showed 05ac:12ac); lets usbmuxd releases that only know the iOS range see it.
+    pub restore_pid: Option<u16>,
 }
 
 impl Default for Faults {
@@ -115,6 +118,7 @@ impl Default for Faults {
             change_nonce_on_boot: false,
             refuse_ibss: false,
             verify_crc: true,
+            restore_pid: None,
         }
     }
 }
@@ -135,7 +139,20 @@ pub enum FaultError {
 
 const KNOWN: &str = "disconnect-at=dfu|stage1|stage2|bootx, disconnect-after-bytes=N, \
     stall-command=TEXT, stall-dfu=getstatus|getstate|dnload|clrstatus|abort|N, \
-    start=dfu|portdfu|recovery, change-nonce, refuse-ibss, no-crc-check, crc-check=on|off";
+    start=dfu|portdfu|recovery, change-nonce, refuse-ibss, no-crc-check, crc-check=on|off, \
+    restore-pid=0xNNNN";
+
+fn parse_pid(key: &str, v: &str) -> Result<u16, FaultError> {
+    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    parsed.map_err(|_| FaultError::BadValue {
+        key: key.into(),
+        value: v.into(),
+        expected: "a USB product ID such as 0x12ac",
+    })
+}
 
 fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, FaultError> {
     match v.map(str::to_ascii_lowercase).as_deref() {
@@ -197,6 +214,7 @@ impl Faults {
             "refuse-ibss" => self.refuse_ibss = parse_bool(key, value)?,
             "crc-check" => self.verify_crc = parse_bool(key, value)?,
             "no-crc-check" => self.verify_crc = !parse_bool(key, value)?,
+            "restore-pid" => self.restore_pid = Some(parse_pid(key, need("a product ID")?)?),
             _ => return Err(FaultError::Unknown(spec.into())),
         }
         Ok(())
@@ -235,6 +253,7 @@ mod tests {
             "change-nonce",
             "refuse-ibss",
             "no-crc-check",
+            "restore-pid=0x12ac",
         ])
         .unwrap();
         assert_eq!(
@@ -248,7 +267,14 @@ mod tests {
                 change_nonce_on_boot: true,
                 refuse_ibss: true,
                 verify_crc: false,
+                restore_pid: Some(0x12ac),
             }
+        );
+        assert_eq!(
+            Faults::from_specs(&["restore-pid=6401"])
+                .unwrap()
+                .restore_pid,
+            Some(0x1901)
         );
         let f =
             Faults::from_specs(&["crc-check=off", "stall-dfu=1", "disconnect-at=bootx"]).unwrap();
@@ -274,5 +300,7 @@ mod tests {
         assert!(Faults::from_specs(&["stall-dfu=frobnicate"]).is_err());
         assert!(Faults::from_specs(&["change-nonce=maybe"]).is_err());
         assert!(Faults::from_specs(&["start=normal"]).is_err());
+        assert!(Faults::from_specs(&["restore-pid=0x10000"]).is_err());
+        assert!(Faults::from_specs(&["restore-pid=apple"]).is_err());
     }
 }

@@ -424,6 +424,27 @@ fn a_preflight_session_is_counted() {
     assert_eq!(handle.report().main_sessions, 2);
 }
 
+#[test]
+fn a_preflight_reset_without_goodbye_does_not_end_the_restore() {
+    let (r, handle, _) = run(
+        small("mac-erase"),
+        Bad {
+            preflight_reset: true,
+            ..Bad::default()
+        },
+    );
+    let rep = handle.report();
+    assert_eq!(r, Ok(()), "{:#?}", rep.log);
+    assert_eq!(rep.main_sessions, 2);
+    assert!(
+        rep.log
+            .iter()
+            .any(|l| l.starts_with("session ended by the host before StartRestore")),
+        "{:#?}",
+        rep.log
+    );
+}
+
 /// A larger image through the whole stack; memory stays bounded because both sides generate
 /// and compare chunk by chunk. `MACSIM_IMAGE_MIB` raises the size (e.g. 4096 for a multi-GiB
 /// run in release mode).

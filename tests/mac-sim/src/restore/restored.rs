@@ -341,10 +341,22 @@ impl Player {
         })
     }
 
-    /// Queries until StartRestore (Some(options)) or Goodbye (None).
+    /// Queries until StartRestore (Some(options)), or Goodbye or a host reset (None).
     fn serve_requests(&self, main: &Stream) -> Result<Option<Dictionary>, Stop> {
         loop {
-            let req = read_frame(main, self.timeout)?;
+            let req = match read_frame(main, self.timeout) {
+                Ok(req) => req,
+                // usbmuxd's preflight (1.1.1 with libimobiledevice 1.3.0, seen in
+                // ci/vm/xcheck-test.sh) asks QueryType and then resets the connection without a
+                // Goodbye; restored keeps waiting for the session that restores.
+                Err(Stop::Broken(why)) if main.closed_by_host() => {
+                    self.note(format!(
+                        "session ended by the host before StartRestore: {why}"
+                    ));
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
             let name = req.get("Request").and_then(Value::as_string).unwrap_or("");
             self.note(format!("request {name}"));
             match name {

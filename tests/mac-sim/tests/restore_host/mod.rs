@@ -41,6 +41,9 @@ pub struct Bad {
     pub skip_proxy: bool,
     /// Open and close one QueryType session first, like usbmuxd's preflight (§6.8).
     pub preflight: bool,
+    /// Open one QueryType session first and reset it without Goodbye, as Debian 12's
+    /// usbmuxd 1.1.1 preflight does (seen in ci/vm/xcheck-test.sh).
+    pub preflight_reset: bool,
 }
 
 struct HConn {
@@ -582,6 +585,12 @@ impl Host {
             self.send_plist(pre, d(vec![("Request", st("QueryType"))]), false)?;
             self.recv_plist(pre)?;
             self.send_plist(pre, d(vec![("Request", st("Goodbye"))]), false)?;
+            self.recv_plist(pre)?;
+            self.close(pre)?;
+        }
+        if self.bad.preflight_reset {
+            let pre = self.connect(62078)?;
+            self.send_plist(pre, d(vec![("Request", st("QueryType"))]), false)?;
             self.recv_plist(pre)?;
             self.close(pre)?;
         }
