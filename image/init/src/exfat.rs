@@ -728,6 +728,46 @@ mod tests {
         assert!(grow(&mut junk, 0, 1 << 29).is_err());
     }
 
+    /// A hostile disk: any byte of the boot region (with its checksum made valid again), the
+    /// FAT or the root directory changed. grow must answer Ok or Err, never panic.
+    #[test]
+    fn never_panics_on_mutated_volumes() {
+        let o = FormatOptions {
+            cluster_shift: 12,
+            max_bytes: 16 * MIB,
+            ..FormatOptions::default()
+        };
+        let mut base = vec![0u8; (4 * MIB) as usize];
+        format(&mut base, 0, 4 * MIB, &o).unwrap();
+        let b = Boot::parse(&base).unwrap();
+        let root = b.cluster_offset(b.root_cluster) as usize;
+        let fat = (b.fat_offset as usize) * 512;
+        let mut x = 0x9E37_79B9u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for i in 0..150 {
+            let mut d = base.clone();
+            let (at, span) = match i % 3 {
+                0 => (0, 120),
+                1 => (fat, 64),
+                _ => (root, 96),
+            };
+            for _ in 0..1 + next() % 3 {
+                d[at + (next() as usize % span)] = next() as u8;
+            }
+            let sum = boot_checksum(&d, 512);
+            for k in 0..128 {
+                d[11 * 512 + 4 * k..11 * 512 + 4 * k + 4].copy_from_slice(&sum.to_le_bytes());
+            }
+            d.resize((8 * MIB) as usize, 0);
+            let _ = grow(&mut d, 0, 8 * MIB);
+        }
+    }
+
     #[test]
     fn format_is_deterministic_and_checks_its_options() {
         assert_eq!(fresh(64 * MIB), fresh(64 * MIB));

@@ -200,11 +200,11 @@ pub fn plan_gpt(
     }
     let esec = h.entries_sectors(sector_size);
     // The primary entry array must lie between the header and the first usable LBA.
-    if h.entries_lba < 2 || h.entries_lba + esec > h.first_usable {
+    if h.entries_lba < 2 || h.entries_lba.saturating_add(esec) > h.first_usable {
         return Err(GptError::BadHeader("entry array position"));
     }
     // Room for the backup array + header after the last usable LBA, and nothing beyond the disk.
-    if h.alternate_lba >= disk_sectors || h.last_usable + esec >= h.alternate_lba {
+    if h.alternate_lba >= disk_sectors || h.last_usable.saturating_add(esec) >= h.alternate_lba {
         return Err(GptError::BadHeader("backup header position"));
     }
     let esize = h.entry_size as usize;
@@ -559,6 +559,49 @@ mod tests {
                 &geo(big, 1, 1),
                 "X",
             );
+        }
+    }
+
+    /// Hostile tables with valid checksums: entries and header fields changed, CRCs fixed.
+    #[test]
+    fn never_panics_on_mutated_tables() {
+        let base = disk(BUILT);
+        let big = BUILT + (1 << 22);
+        let mut x = 0x2545_F491u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for _ in 0..500 {
+            let mut d = base[..1024 + 16384].to_vec();
+            for _ in 0..1 + next() % 3 {
+                let at = if next() % 2 == 0 {
+                    512 + 24 + next() as usize % 68
+                } else {
+                    1024 + next() as usize % 256
+                };
+                d[at] = next() as u8;
+            }
+            let crc = crc32fast::hash(&d[1024..1024 + 16384]);
+            put32(&mut d, 512 + 88, crc);
+            put32(&mut d, 512 + 16, 0);
+            let crc = crc32fast::hash(&d[512..512 + 92]);
+            put32(&mut d, 512 + 16, crc);
+            let sectors = if next() % 2 == 0 {
+                big
+            } else {
+                u64::from(next())
+            };
+            let g = geo(
+                sectors,
+                1 + u64::from(next() % 4096),
+                u64::from(next() % 100_000),
+            );
+            if let Ok(Some(p)) = plan_gpt(&d[..512], &d[512..1024], &d[1024..], &g, "MACRESCUE") {
+                assert!(p.new_last_lba < sectors && p.new_last_lba > p.old_last_lba);
+            }
         }
     }
 
