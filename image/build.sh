@@ -20,8 +20,8 @@
 #        MACRESCUE_STATION        station command baked into the kernel command line
 #        MACRESCUE_IMAGE_SHELL=0  leave busybox (the emergency shell) out
 #        MACRESCUE_KERNEL_ARGS    extra kernel command-line words (e.g. usb-storage.delay_use=0)
-#        MACRESCUE_DATA_MIB       size of the data partition (default 64; grown on first boot
-#                                 in a later slice)
+#        MACRESCUE_DATA_MIB       size of the data partition (default 64; the init grows it to
+#                                 fill the medium on first boot)
 #        MACRESCUE_SKIP_BUILD=1   use the binaries already built
 #        MACRESCUE_IMAGE_KIND=reference  the boot-time reference instead (same kernel, same
 #                                 stick layout, busybox /init that prints the kernel uptime and
@@ -79,7 +79,7 @@ if [[ "${MACRESCUE_SKIP_BUILD:-0}" != 1 ]]; then
     (cd "$VM_ROOT" && cargo build --release --locked --target "$TARGET" -p macrescue-init >&2)
 fi
 REL="$VM_ROOT/target/$TARGET/release"
-for b in restore-agent macrescue-init; do
+for b in restore-agent macrescue-init macrescue-datapart; do
     [[ -x "$REL/$b" ]] || die "$REL/$b missing: build without MACRESCUE_SKIP_BUILD"
 done
 
@@ -170,8 +170,10 @@ mcopy -m -i "$ESP" "$UKI" ::/EFI/BOOT/BOOTX64.EFI
 # --- data partition (exFAT) --------------------------------------------------------------------
 DATA="$STAGE/data.img"
 truncate -s "${DATA_MIB}M" "$DATA"
-mkfs.exfat -L MACRESCUE "$DATA" >/dev/null
-"$HERE/exfat-serial.sh" "$DATA" 4d524553
+# Our formatter, not mkfs.exfat: its FAT and allocation bitmap are reserved for 2 TiB, so the
+# init can grow the file system in place on first boot (image/README.md, "Data partition").
+# Deterministic: fixed serial, no timestamps.
+"$REL/macrescue-datapart" format "$DATA" --label MACRESCUE --serial 4d524553 2>/dev/null
 
 # --- GPT disk ----------------------------------------------------------------------------------
 # 1 MiB alignment; the backup GPT needs the last 33 sectors.

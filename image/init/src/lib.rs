@@ -5,10 +5,14 @@
 //! parsers are unit-tested on the build host and only the edges need a booted kernel.
 
 pub mod backoff;
+pub mod blkdev;
 pub mod cmdline;
 pub mod config;
 pub mod consoles;
 pub mod datapart;
+pub mod exfat;
+pub mod gpt;
+pub mod growpart;
 pub mod hotplug;
 pub mod kmod;
 pub mod modalias;
@@ -24,6 +28,7 @@ pub mod uevent;
 pub mod markers {
     pub const STATION_READY: &str = "MACRESCUE: station ready";
     pub const DATA_MOUNTED: &str = "MACRESCUE: data partition mounted";
+    pub const DATA_GROWN: &str = "MACRESCUE: data partition grown";
     pub const NO_DATA: &str = "MACRESCUE: no data partition";
     pub const SHUTDOWN: &str = "MACRESCUE: shutdown complete";
 }

@@ -13,7 +13,7 @@ use macrescue_init::hotplug::UeventSocket;
 use macrescue_init::kmod::Loader;
 use macrescue_init::settings::Settings;
 use macrescue_init::shutdown::{self, Action};
-use macrescue_init::{cmdline, config, datapart, markers, mounts, netif, supervisor};
+use macrescue_init::{cmdline, config, datapart, growpart, markers, mounts, netif, supervisor};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -206,6 +206,12 @@ fn mount_data(
         std::thread::sleep(Duration::from_millis(100));
     };
     let dev = datapart::node(&part);
+    // First boot on a bigger medium: grow before anything reads the partition.
+    match growpart::on_boot(&part.devname, label) {
+        Ok(Some(line)) => consoles.write_all_consoles(format!("{line}\n").as_bytes()),
+        Ok(None) => {}
+        Err(e) => warn!("data partition {label} not grown: {e}"),
+    }
     let mut head = vec![0u8; 4096];
     let read = std::fs::File::open(&dev).and_then(|mut f| {
         use std::io::Read;
