@@ -213,6 +213,7 @@ impl Env {
     fn config(&self, pin: BuildPin) -> EngineConfig {
         EngineConfig {
             cache_dir: None,
+            local_ipsw_dirs: Vec::new(),
             catalog: CatalogFetchConfig::default(),
             tss: TssClientConfig {
                 server: Some(self.tss_server.url()),

@@ -11,6 +11,7 @@ pub mod consoles;
 pub mod datapart;
 pub mod hotplug;
 pub mod kmod;
+pub mod media;
 pub mod modalias;
 pub mod moddep;
 pub mod mounts;
