@@ -1,7 +1,7 @@
 {
   description = "macrescue: a tiny bootable image that revives and restores Apple Silicon Macs over USB-C";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.11";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   # Everything is built by nix/default.nix; the images themselves by image/build.sh, the same
   # assembly script the Debian CI path runs (nix/README.md).

@@ -62,7 +62,10 @@ let
         allowMissing = true;
       };
       # ci/vm/kernel.sh's output layout, which MACRESCUE_KERNEL_DIR expects.
-      kernelDir = pkgs.runCommand "macrescue-kernel-${arch}" { } ''
+      # nixpkgs ships modules as .ko.xz; the init loads plain .ko on any kernel (a compressed
+      # one only where the kernel decompresses itself), so unpack them and index again.
+      kernelDir = pkgs.runCommand "macrescue-kernel-${arch}"
+        { nativeBuildInputs = [ pkgs.xz pkgs.zstd pkgs.kmod ]; } ''
         mkdir -p $out/modules
         cp ${kernel}/${kernelTarget} $out/vmlinuz
         echo ${kernel.modDirVersion} > $out/kernel.version
@@ -70,6 +73,9 @@ let
         cp -r ${closure}/lib $out/modules/lib
         if [ -d ${kernel}/dtbs ]; then cp -r ${kernel}/dtbs $out/dtbs; fi
         chmod -R u+w $out
+        find $out/modules -name '*.ko.xz' -exec xz -d {} +
+        find $out/modules -name '*.ko.zst' -exec zstd -q -d --rm {} +
+        depmod -b $out/modules ${kernel.modDirVersion}
       '';
       bins = pkgs.runCommand "macrescue-bin-${arch}" { } ''
         mkdir -p $out

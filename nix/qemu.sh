@@ -10,6 +10,8 @@
 # env:   MACRESCUE_OVMF_CODE, MACRESCUE_OVMF_VARS  UEFI firmware (the flake sets them)
 #        MACRESCUE_QEMU_ACCEL   tcg (default) or kvm
 #        MACRESCUE_BOOT_TIMEOUT seconds for --check (default 300)
+#        MACRESCUE_BOOT_EXPECT  for --check: more console lines (fixed strings, one per line)
+#                               that must appear besides "station ready"
 set -euo pipefail
 
 CHECK=0
@@ -18,7 +20,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --check) CHECK=1; shift ;;
         --usb-host) USB_HOST="$2"; shift 2 ;;
-        -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
         *) break ;;
     esac
 done
@@ -63,8 +65,15 @@ LOG="$WORK/console.log"
 pid=$!
 deadline=$((SECONDS + ${MACRESCUE_BOOT_TIMEOUT:-300}))
 result=""
+seen() {
+    grep -aqF "MACRESCUE: station ready" "$LOG" || return 1
+    local want
+    while IFS= read -r want; do
+        [[ -z "$want" ]] || grep -aqF -- "$want" "$LOG" || return 1
+    done <<<"${MACRESCUE_BOOT_EXPECT:-}"
+}
 while [[ -z "$result" ]]; do
-    if grep -q "MACRESCUE: station ready" "$LOG"; then result=pass
+    if seen; then result=pass
     elif grep -q "Kernel panic" "$LOG"; then result="kernel panic"
     elif ! kill -0 "$pid" 2>/dev/null; then result="QEMU exited"
     elif [[ $SECONDS -ge $deadline ]]; then result="no station ready within ${MACRESCUE_BOOT_TIMEOUT:-300} s"
@@ -74,7 +83,7 @@ done
 kill "$pid" 2>/dev/null || true
 wait "$pid" 2>/dev/null || true
 if [[ "$result" == pass ]]; then
-    grep -a "MACRESCUE:" "$LOG" | tr -d '\r'
+    grep -a -e "MACRESCUE:" -e "/media" "$LOG" | tr -d '\r'
     exit 0
 fi
 tr -d '\r' <"$LOG" >&2

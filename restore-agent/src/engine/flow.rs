@@ -482,9 +482,18 @@ async fn pick_from_catalog(
     let mut refused = Vec::new();
     for entry in candidates {
         run.stage(Stage::Firmware);
-        let source = local_ipsw(&run.cfg, model.product_type, &entry.build)
-            .await
-            .map_or_else(|| PathOrUrl::Url(entry.url.clone()), PathOrUrl::Path);
+        let source = match local_ipsw(&run.cfg, model.product_type, &entry.build).await {
+            Some(path) => {
+                run.message(format!(
+                    "macOS {} ({}) is on this station: {}",
+                    entry.version,
+                    entry.build,
+                    path.display()
+                ));
+                PathOrUrl::Path(path)
+            }
+            None => PathOrUrl::Url(entry.url.clone()),
+        };
         let (file, name, manifest) = open_firmware(&run.cfg, &source).await?;
         let board = model.board_config;
         let plan = RestorePlan::new(&manifest, board, Behavior::Revive.manifest())
