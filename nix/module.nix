@@ -13,6 +13,7 @@ let
     ++ lib.optionals (cfg.gpioButton != null) [ "--gpio-button" cfg.gpioButton ]
     ++ lib.optionals (cfg.catalogUrl != null) [ "--catalog-url" cfg.catalogUrl ]
     ++ lib.optionals (cfg.tssUrl != null) [ "--tss-url" cfg.tssUrl ]
+    ++ lib.optional (!cfg.manageNetwork) "--no-network"
     ++ cfg.extraArgs;
 in
 {
@@ -75,6 +76,12 @@ in
       type = types.nullOr types.str;
       default = null;
       description = "TSS (signing) server URL instead of Apple's (passed as --tss-url).";
+    };
+
+    manageNetwork = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Let the station bring up wired links itself (DHCP, SLAAC, SNTP) as it does in the image. Leave off where NixOS manages the network; the station then passes --no-network.";
     };
 
     extraArgs = mkOption {

@@ -73,7 +73,7 @@ let
 
   optionNames = [
     "cacheDir" "catalogUrl" "consoles" "dataDir" "enable" "extraArgs" "gpioButton" "ipswDirs"
-    "maxMacs" "package" "tssUrl"
+    "manageNetwork" "maxMacs" "package" "tssUrl"
   ];
   full = evalModule {
     enable = true;
@@ -94,8 +94,12 @@ let
       "station" "--line-mode" "--data" "/var/lib/macrescue" "--max-macs" "4"
       "--cache" "/var/lib/macrescue/ipsw" "--ipsw-dir" "/media" "--console" "/dev/tty1"
       "--console" "/dev/ttyS0" "--gpio-button" "/dev/gpiochip0:17"
-      "--tss-url" "http://127.0.0.1:8080/TSS"
+      "--tss-url" "http://127.0.0.1:8080/TSS" "--no-network"
     ]))
+    (expect "manageNetwork" (lib.escapeShellArgs [ "station" "--line-mode" "--data" "/d" "--max-macs" "8" ])
+      (builtins.substring (builtins.stringLength "${agent}/bin/restore-agent ") 1000
+        (evalModule { enable = true; manageNetwork = true; dataDir = "/d"; cacheDir = null; })
+          .cfg.systemd.services.macrescue-station.serviceConfig.ExecStart))
     (expect "wantedBy" service.wantedBy [ "multi-user.target" ])
     (expect "writable paths" service.serviceConfig.ReadWritePaths [ "/var/lib/macrescue" "/var/lib/macrescue/ipsw" ])
     (expect "assertion holds" (builtins.head full.cfg.assertions).assertion true)
