@@ -32,7 +32,12 @@ let
       "nls_cp437" "nls_ascii" "nls_utf8" "nls_iso8859-1" "virtio_net" "virtio_pci" "e1000"
       "e1000e" "r8169" "vhci-hcd"
     ];
-    aarch64 = [ "xhci-plat-hcd" "dwc2" "dwc3" "genet" "macb" "pcie-brcmstb" "mmc_block" "sdhci-iproc" ];
+    aarch64 = [
+      "xhci-plat-hcd" "ehci-platform" "ohci-platform" "dwc2" "dwc3" "dwc3-of-simple"
+      "reset-raspberrypi" "sdhci-iproc" "bcm2835" "bcm2835_wdt" "virtio_mmio" "genet"
+      "mdio-bcm-unimac" "broadcom" "bcm7xxx" "smsc95xx" "lan78xx" "r8152" "cdc_ether"
+      "ax88179_178a" "usbhid" "hid-generic" "macb" "mmc_block"
+    ];
   };
 
   perArch = arch:
@@ -71,7 +76,11 @@ let
         echo ${kernel.modDirVersion} > $out/kernel.version
         cp ${s.busybox}/bin/busybox $out/busybox
         cp -r ${closure}/lib $out/modules/lib
-        if [ -d ${kernel}/dtbs ]; then cp -r ${kernel}/dtbs $out/dtbs; fi
+        # The Raspberry Pi device trees, flat, as ci/vm/kernel.sh leaves them.
+        if [ -d ${kernel}/dtbs/broadcom ]; then
+          mkdir -p $out/dtbs
+          cp ${kernel}/dtbs/broadcom/*.dtb $out/dtbs/
+        fi
         chmod -R u+w $out
         find $out/modules -name '*.ko.xz' -exec xz -d {} +
         find $out/modules -name '*.ko.zst' -exec zstd -q -d --rm {} +
@@ -97,6 +106,10 @@ let
         buildPhase = ''
           runHook preBuild
           patchShebangs image ci
+          # build.sh calls the arm64 objcopy by its Debian cross name; this one knows every target.
+          mkdir -p $TMPDIR/bin
+          ln -s "$(command -v objcopy)" $TMPDIR/bin/aarch64-linux-gnu-objcopy
+          export PATH=$TMPDIR/bin:$PATH
           export MACRESCUE_OUT=$TMPDIR/out
           export MACRESCUE_KERNEL_DIR=${kernelDir} MACRESCUE_BIN_DIR=${bins}
           export MACRESCUE_EFI_STUB=${stub}
