@@ -187,8 +187,13 @@ impl Media {
             }
             Err(e) => {
                 let _ = std::fs::remove_dir(&target);
+                let next = if e == nix::errno::Errno::ENODEV {
+                    "this image's kernel cannot read it; copy the IPSW to an exFAT disk"
+                } else {
+                    "check the disk on another computer"
+                };
                 warn!(
-                    "cannot mount the USB disk {} ({fstype}): {e}; check it on another computer",
+                    "cannot mount the USB disk {} ({fstype}): {e}; {next}",
                     dev.display()
                 );
             }
