@@ -26,6 +26,13 @@
 #        MACRESCUE_IMAGE_KIND=reference  the boot-time reference instead (same kernel, same
 #                                 stick layout, busybox /init that prints the kernel uptime and
 #                                 powers off): out/macrescue-reference-ARCH.img
+#        MACRESCUE_SB_KEY, MACRESCUE_SB_CERT  PEM key and certificate: sign the UKI for Secure
+#                                 Boot with sbsign (sbsigntool) before it goes on the ESP
+# Given inputs instead of Debian's kernel and a cargo build (what the Nix flake uses, nix/):
+#        MACRESCUE_KERNEL_DIR=DIR vmlinuz, kernel.version, busybox and modules/lib/modules/KV
+#                                 (with depmod's index), i.e. ci/vm/kernel.sh's output layout
+#        MACRESCUE_BIN_DIR=DIR    DIR/restore-agent and DIR/macrescue-init; nothing is compiled
+#        MACRESCUE_EFI_STUB=FILE  systemd-boot's linuxx64.efi.stub (default: Debian's path)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 source "$HERE/../ci/vm/lib.sh"
@@ -41,9 +48,10 @@ case "$KIND" in
         IMAGE="${MACRESCUE_IMAGE:-$VM_OUT/macrescue-reference-$ARCH.img}" ;;
     *) die "MACRESCUE_IMAGE_KIND must be station or reference" ;;
 esac
-KDEST="$VM_OUT/image/kernel-$ARCH"
+KDEST="${MACRESCUE_KERNEL_DIR:-$VM_OUT/image/kernel-$ARCH}"
 # Reports, logs and the IPSW cache live on the data partition (the init mounts it at /data).
-STATION="${MACRESCUE_STATION:-restore-agent station --data /data --cache /data/ipsw}"
+# --ipsw-dir /media: other USB disks, mounted read-only there by the init, offer their IPSWs.
+STATION="${MACRESCUE_STATION:-restore-agent station --data /data --cache /data/ipsw --ipsw-dir /media}"
 DATA_MIB="${MACRESCUE_DATA_MIB:-64}"
 ESP_MIB=64
 # Drivers a station PC needs: USB host controllers and mass storage (the stick itself, IPSW
@@ -51,7 +59,7 @@ ESP_MIB=64
 # Mac in tests. Their dependency closure comes along.
 MODULES="xhci-pci ehci-pci ohci-pci uhci-hcd usb-storage uas sd_mod vfat exfat nls_cp437
  nls_ascii nls_utf8 nls_iso8859-1 virtio_net virtio_pci e1000 e1000e r8169 vhci-hcd"
-STUB=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
+STUB="${MACRESCUE_EFI_STUB:-/usr/lib/systemd/boot/efi/linuxx64.efi.stub}"
 
 need_pkg cpio cpio
 need_pkg zstd zstd
@@ -70,15 +78,17 @@ export SOURCE_DATE_EPOCH
 T0="$(now_s)"
 
 # --- inputs: kernel + modules (ci/vm/kernel.sh), static binaries -----------------------------
-MACRESCUE_KERNEL_DEST="$KDEST" MACRESCUE_VM_MODULES="$(echo $MODULES)" \
-    "$VM_ROOT/ci/vm/kernel.sh" "$ARCH"
+if [[ -z "${MACRESCUE_KERNEL_DIR:-}" ]]; then
+    MACRESCUE_KERNEL_DEST="$KDEST" MACRESCUE_VM_MODULES="$(echo $MODULES)" \
+        "$VM_ROOT/ci/vm/kernel.sh" "$ARCH"
+fi
 KV="$(cat "$KDEST/kernel.version")"
-if [[ "${MACRESCUE_SKIP_BUILD:-0}" != 1 ]]; then
+if [[ "${MACRESCUE_SKIP_BUILD:-0}" != 1 && -z "${MACRESCUE_BIN_DIR:-}" ]]; then
     "$VM_ROOT/ci/vm/static.sh" >/dev/null
     log "cargo build --release --target $TARGET -p macrescue-init"
     (cd "$VM_ROOT" && cargo build --release --locked --target "$TARGET" -p macrescue-init >&2)
 fi
-REL="$VM_ROOT/target/$TARGET/release"
+REL="${MACRESCUE_BIN_DIR:-$VM_ROOT/target/$TARGET/release}"
 for b in restore-agent macrescue-init macrescue-datapart; do
     [[ -x "$REL/$b" ]] || die "$REL/$b missing: build without MACRESCUE_SKIP_BUILD"
 done
@@ -157,6 +167,15 @@ PE="$(od -An -tu4 -j60 -N4 "$UKI.tmp" | tr -d ' ')"
 printf "$(le32 "$SOURCE_DATE_EPOCH")" | dd of="$UKI.tmp" bs=1 seek=$((PE + 8)) conv=notrunc status=none
 printf "$(le32 0)" | dd of="$UKI.tmp" bs=1 seek=$((PE + 24 + 64)) conv=notrunc status=none
 mv "$UKI.tmp" "$UKI"
+if [[ -n "${MACRESCUE_SB_KEY:-}" || -n "${MACRESCUE_SB_CERT:-}" ]]; then
+    [[ -f "${MACRESCUE_SB_KEY:-}" && -f "${MACRESCUE_SB_CERT:-}" ]] ||
+        die "Secure Boot signing needs both MACRESCUE_SB_KEY and MACRESCUE_SB_CERT (PEM files)"
+    need_pkg sbsign sbsigntool
+    # One Authenticode signature covers kernel, initramfs and command line together.
+    sbsign --key "$MACRESCUE_SB_KEY" --cert "$MACRESCUE_SB_CERT" --output "$UKI.signed" "$UKI" 2>/dev/null
+    mv "$UKI.signed" "$UKI"
+    log "UKI signed for Secure Boot with $(basename "$MACRESCUE_SB_CERT")"
+fi
 
 # --- ESP (FAT32) -------------------------------------------------------------------------------
 ESP="$STAGE/esp.img"

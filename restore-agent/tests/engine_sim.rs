@@ -213,6 +213,7 @@ impl Env {
     fn config(&self, pin: BuildPin) -> EngineConfig {
         EngineConfig {
             cache_dir: None,
+            local_ipsw_dirs: Vec::new(),
             catalog: CatalogFetchConfig::default(),
             tss: TssClientConfig {
                 server: Some(self.tss_server.url()),
@@ -614,6 +615,51 @@ fn a_pinned_build_comes_from_the_catalog_and_the_cache() {
     assert!(events
         .iter()
         .any(|e| matches!(e, EngineEvent::Build { build, .. } if build == "25C56")));
+}
+
+#[test]
+fn a_catalog_build_on_another_usb_disk_is_used_instead_of_downloading() {
+    let env = env("usbdisk");
+    let catalog = CatalogService::from_builds(vec![CatalogBuild {
+        product_type: "Macmini9,1".into(),
+        version: "26.2".into(),
+        build: "25C56".into(),
+        url: format!("https://cdn.invalid/{IPSW_NAME}"),
+        sha1: None,
+    }]);
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server = env.rt.block_on(catalog.start(addr, None)).unwrap();
+    // As the image's init mounts a technician's stick: another name, in a folder, no cache.
+    let media = env.dir.0.join("media");
+    let on_disk = media.join("sdb1/ipsw/macOS 26.2 for the mini.ipsw");
+    std::fs::create_dir_all(on_disk.parent().unwrap()).unwrap();
+    std::fs::copy(&env.ipsw, &on_disk).unwrap();
+    let mut cfg = env.config(BuildPin::Latest);
+    cfg.local_ipsw_dirs = vec![media];
+    cfg.catalog = CatalogFetchConfig {
+        catalog_url: sim_catalog::mesu_url(&server),
+        fallback_url: None,
+        timeout: Duration::from_secs(5),
+        http: http(),
+    };
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    // The CDN does not resolve: success means the disk's copy was used.
+    let (report, events) = run(&env, cfg, &usb, never_asked());
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    let said = format!("is on this station: {}", on_disk.display());
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, EngineEvent::Message(m) if m.ends_with(&said))),
+        "{events:?}"
+    );
 }
 
 #[test]

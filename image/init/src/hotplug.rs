@@ -36,8 +36,13 @@ impl UeventSocket {
         Ok(Self(fd))
     }
 
-    /// Load drivers for every device the kernel announces, forever, on its own thread.
-    pub fn spawn(self, loader: Arc<Loader>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Load drivers for every device the kernel announces, forever, on its own thread; every
+    /// event is also handed to `on_event` (USB disks for `/media`).
+    pub fn spawn(
+        self,
+        loader: Arc<Loader>,
+        mut on_event: impl FnMut(&Uevent) + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("hotplug".into())
             .spawn(move || {
@@ -51,6 +56,7 @@ impl UeventSocket {
                                         info!("hotplug: drivers for {} ({alias})", ev.devpath);
                                     }
                                 }
+                                on_event(&ev);
                             }
                             Err(e) => debug!("{e}"),
                         },

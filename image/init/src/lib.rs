@@ -15,6 +15,7 @@ pub mod gpt;
 pub mod growpart;
 pub mod hotplug;
 pub mod kmod;
+pub mod media;
 pub mod modalias;
 pub mod moddep;
 pub mod mounts;

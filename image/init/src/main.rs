@@ -137,7 +137,8 @@ fn run() -> anyhow::Result<()> {
     );
     match UeventSocket::open() {
         Ok(sock) => {
-            if let Err(e) = sock.spawn(loader.clone()) {
+            let media = macrescue_init::media::Media::new(settings.data_label.clone());
+            if let Err(e) = sock.spawn(loader.clone(), move |ev| media.handle(ev)) {
                 warn!("cannot start the hotplug thread: {e}");
             }
         }

@@ -85,6 +85,7 @@ pub fn config(args: &Args) -> EngineConfig {
     };
     EngineConfig {
         cache_dir: args.cache.clone(),
+        local_ipsw_dirs: Vec::new(),
         catalog: CatalogFetchConfig {
             catalog_url: args.catalog_url.clone(),
             fallback_url: Some(args.fallback_url.clone()),

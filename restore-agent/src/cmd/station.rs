@@ -52,6 +52,10 @@ pub struct Args {
     /// Firmware cache directory (shown in the header, handed to the engine).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// Also look for a matching `*.ipsw` below DIR (repeatable; the image passes /media, where
+    /// its init mounts other USB disks read-only).
+    #[arg(long = "ipsw-dir", value_name = "DIR")]
+    pub ipsw_dirs: Vec<PathBuf>,
     /// Test only: N fake Macs on a fake bus, no USB.
     #[arg(long, hide = true, value_name = "N")]
     pub demo_fake_macs: Option<u8>,
@@ -114,6 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(EngineJob {
                 cfg: Arc::new(EngineConfig {
                     cache_dir: args.cache.clone(),
+                    local_ipsw_dirs: args.ipsw_dirs.clone(),
                     ..EngineConfig::default()
                 }),
             }),

@@ -393,6 +393,29 @@ async fn open_firmware(
     .map_err(worker)?
 }
 
+/// A copy of `build` for `product_type` already on the station (the cache first, then other
+/// USB disks), so nothing is downloaded.
+async fn local_ipsw(
+    cfg: &EngineConfig,
+    product_type: &str,
+    build: &str,
+) -> Option<std::path::PathBuf> {
+    let dirs: Vec<std::path::PathBuf> = cfg
+        .cache_dir
+        .iter()
+        .chain(&cfg.local_ipsw_dirs)
+        .cloned()
+        .collect();
+    if dirs.is_empty() {
+        return None;
+    }
+    let (product_type, build) = (product_type.to_string(), build.to_string());
+    off_runtime(move || crate::ipsw::find_local_ipsw(&dirs, &product_type, &build))
+        .await
+        .ok()
+        .flatten()
+}
+
 fn tss_params(id: &DeviceIdentity, ecid: u64) -> TssParams {
     TssParams::new(ecid, id.ap_nonce_for_tss(), id.sep_nonce.clone())
 }
@@ -459,8 +482,19 @@ async fn pick_from_catalog(
     let mut refused = Vec::new();
     for entry in candidates {
         run.stage(Stage::Firmware);
-        let (file, name, manifest) =
-            open_firmware(&run.cfg, &PathOrUrl::Url(entry.url.clone())).await?;
+        let source = match local_ipsw(&run.cfg, model.product_type, &entry.build).await {
+            Some(path) => {
+                run.message(format!(
+                    "macOS {} ({}) is on this station: {}",
+                    entry.version,
+                    entry.build,
+                    path.display()
+                ));
+                PathOrUrl::Path(path)
+            }
+            None => PathOrUrl::Url(entry.url.clone()),
+        };
+        let (file, name, manifest) = open_firmware(&run.cfg, &source).await?;
         let board = model.board_config;
         let plan = RestorePlan::new(&manifest, board, Behavior::Revive.manifest())
             .map_err(|e| Failure::new(e.to_string(), "pick another build, or use --ipsw"))?;

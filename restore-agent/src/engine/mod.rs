@@ -91,6 +91,9 @@ impl Default for Timeouts {
 pub struct EngineConfig {
     /// Where IPSWs are kept (`<cache>/<file name of the URL>`); `None`: stream from the URL.
     pub cache_dir: Option<PathBuf>,
+    /// Other places with IPSWs (USB disks the init mounted under `/media`): a catalog build is
+    /// taken from there, or from `cache_dir`, when a file's BuildManifest matches the Mac.
+    pub local_ipsw_dirs: Vec<PathBuf>,
     pub catalog: CatalogFetchConfig,
     pub tss: TssClientConfig,
     pub http: HttpConfig,
