@@ -173,6 +173,40 @@ impl TssClient {
         self.post(&xml).await
     }
 
+    /// Answers one `FirmwareUpdaterData` request end to end (§4.9): the updater's request is
+    /// built from the restore's build `identity` and restored's `arguments`, sent, and
+    /// `FirmwareResponseData` assembled from the reply and the component files `read` returns
+    /// (it is given IPSW paths). Every failure names the updater.
+    pub async fn firmware_updater<F, Fut>(
+        &self,
+        identity: &Dictionary,
+        arguments: &Dictionary,
+        read: F,
+    ) -> Result<Dictionary, TssClientError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
+    {
+        let args = tss::UpdaterArgs::parse(arguments)?;
+        let plan = tss::updater_request(identity, &args, &RequestUuid::random())?;
+        tracing::info!(updater = %plan.updater, ticket = %plan.ticket, "requesting a firmware-updater ticket");
+        let response = self.send(&plan.request).await?;
+        let mut files = std::collections::BTreeMap::new();
+        for component in plan.firmware.components() {
+            let fail = |what: String| TssError::UpdaterFirmware {
+                updater: plan.updater.clone(),
+                what,
+            };
+            let path = tss::updater::component_path(identity, component)
+                .ok_or_else(|| fail(format!("the build identity gives no path for {component}")))?;
+            let bytes = read(path.clone())
+                .await
+                .map_err(|e| fail(format!("cannot read {component} ({path}): {e}")))?;
+            files.insert(component.to_string(), bytes);
+        }
+        Ok(tss::firmware_response(&plan, &response, &files)?)
+    }
+
     /// Asks Apple whether `identity` (one element of `BuildIdentities`) is signed for the Mac
     /// described by `params`, with the main AP request (§4.4, §9.4).
     pub async fn is_signed(

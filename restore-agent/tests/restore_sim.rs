@@ -295,6 +295,8 @@ async fn an_unknown_data_type_aborts_at_once_naming_it() {
             data_port: None,
             expect_variant: None,
             expect_host_abort: true,
+            expect_ticket: None,
+            expect_firmware: None,
         }),
     );
     let run = restore(s, None).await;
