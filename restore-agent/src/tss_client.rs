@@ -95,6 +95,13 @@ pub enum TssClientError {
     InsideRuntime,
     #[error("cannot start the network runtime for TSS requests: {0}")]
     Runtime(String),
+    /// A firmware-updater request (§4.9) failed after it was built: which coprocessor.
+    #[error("the {updater} firmware ticket request failed: {source}")]
+    Updater {
+        updater: String,
+        #[source]
+        source: Box<TssClientError>,
+    },
 }
 
 /// Whether Apple signs a build for one Mac right now (§9.4).
@@ -190,7 +197,13 @@ impl TssClient {
         let args = tss::UpdaterArgs::parse(arguments)?;
         let plan = tss::updater_request(identity, &args, &RequestUuid::random())?;
         tracing::info!(updater = %plan.updater, ticket = %plan.ticket, "requesting a firmware-updater ticket");
-        let response = self.send(&plan.request).await?;
+        let response = self
+            .send(&plan.request)
+            .await
+            .map_err(|e| TssClientError::Updater {
+                updater: plan.updater.clone(),
+                source: Box::new(e),
+            })?;
         let mut files = std::collections::BTreeMap::new();
         for component in plan.firmware.components() {
             let fail = |what: String| TssError::UpdaterFirmware {

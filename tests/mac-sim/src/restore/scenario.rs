@@ -334,7 +334,7 @@ mod tests {
 
     #[test]
     fn shipped_scenarios_parse() {
-        for name in ["mac-revive", "mac-erase"] {
+        for name in ["mac-revive", "mac-erase", "mac-firmware-updaters"] {
             let s = Scenario::shipped(name).unwrap();
             assert!(!s.steps.is_empty(), "{name}");
         }
