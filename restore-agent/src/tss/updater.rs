@@ -69,8 +69,18 @@ impl UpdaterArgs {
     pub fn parse(arguments: &Dictionary) -> Result<UpdaterArgs, TssError> {
         let name = match arguments.get("MessageArgUpdaterName") {
             Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(bad_args("?", "MessageArgUpdaterName is not a string")),
-            None => return Err(bad_args("?", "MessageArgUpdaterName is missing")),
+            Some(_) => {
+                return Err(bad_args(
+                    "an unnamed updater",
+                    "MessageArgUpdaterName is not a string",
+                ))
+            }
+            None => {
+                return Err(bad_args(
+                    "an unnamed updater",
+                    "MessageArgUpdaterName is missing",
+                ))
+            }
         };
         match arguments.get("MessageArgType") {
             Some(Value::String(s)) if s == "FirmwareResponseData" => {}
