@@ -433,6 +433,120 @@ pub fn tss_response(data: &[u8]) {
     }
 }
 
+// ----- firmware updaters (§4.9) ---------------------------------------------------------------
+
+/// A build identity with one entry of every coprocessor family the updater builders read.
+fn updater_identity() -> &'static plist::Dictionary {
+    use plist::{Dictionary, Value};
+    static ID: std::sync::OnceLock<Dictionary> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let rules = Value::Array(vec![Value::Dictionary(Dictionary::from_iter([
+            (
+                "Conditions".to_string(),
+                Value::Dictionary(Dictionary::from_iter([(
+                    "ApCurrentProductionMode".to_string(),
+                    Value::Boolean(true),
+                )])),
+            ),
+            (
+                "Actions".to_string(),
+                Value::Dictionary(Dictionary::from_iter([(
+                    "EPRO".to_string(),
+                    Value::Boolean(true),
+                )])),
+            ),
+        ]))]);
+        let entry = |path: &str, ruled: bool| {
+            let mut info = Dictionary::from_iter([("Path".to_string(), Value::from(path))]);
+            if ruled {
+                info.insert("RestoreRequestRules".into(), rules.clone());
+            }
+            Value::Dictionary(Dictionary::from_iter([
+                ("Digest".to_string(), Value::Data(vec![0xD1; 48])),
+                ("Trusted".to_string(), Value::Boolean(true)),
+                ("Info".to_string(), Value::Dictionary(info)),
+            ]))
+        };
+        let mut manifest = Dictionary::new();
+        for (name, ruled) in [
+            ("Timer,RTKitOS,1", true),
+            ("Timer,RestoreRTKitOS,1", true),
+            ("Baobab,TCON", false),
+            ("BMU,FirmwareMap", false),
+            ("Rap,RTKitOS", true),
+            ("Rap,RestoreRTKitOS", true),
+            ("SE,UpdatePayload", false),
+            ("SEP", false),
+            ("Savage,B0-Prod-Patch", false),
+            ("Yonkers,SysTopPatch0", false),
+        ] {
+            manifest.insert(name.into(), entry(&format!("Firmware/{name}.bin"), ruled));
+        }
+        Dictionary::from_iter([
+            ("UniqueBuildID".to_string(), Value::Data(vec![0x0B; 20])),
+            ("ApChipID".to_string(), Value::from("0x6020")),
+            ("ApBoardID".to_string(), Value::from("0x26")),
+            ("ApSecurityDomain".to_string(), Value::from("0x01")),
+            ("Baobab,ChipID".to_string(), Value::from("0x855")),
+            ("Timer,ChipID,1".to_string(), Value::from(26112u64)),
+            ("Manifest".to_string(), Value::Dictionary(manifest)),
+        ])
+    })
+}
+
+/// `FirmwareUpdaterData` arguments from the device (any plist) through
+/// `tss::UpdaterArgs::parse`, `tss::updater_request` and `tss::firmware_response` (with a
+/// reply holding the ticket and the input as every firmware file); the input also goes
+/// through `ftab::Ftab::parse`.
+pub fn firmware_updater(data: &[u8]) {
+    use restore_agent::ftab::Ftab;
+    if let Ok(t) = Ftab::parse(data) {
+        let bytes = t.to_bytes().expect("a parsed table fits in 4 GiB");
+        assert_eq!(Ftab::parse(&bytes).as_ref(), Ok(&t));
+    }
+    let Ok(plist::Value::Dictionary(arguments)) =
+        plist::Value::from_reader(std::io::Cursor::new(data))
+    else {
+        return;
+    };
+    let args = match tss::UpdaterArgs::parse(&arguments) {
+        Ok(a) => a,
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            return;
+        }
+    };
+    let uuid = tss::RequestUuid::parse("6B608AE8-F88E-0D75-62B0-1DB5A2323A7A").unwrap();
+    match tss::updater_request(updater_identity(), &args, &uuid) {
+        Ok(plan) => {
+            assert_eq!(
+                plan.request.get("@UUID").and_then(|v| v.as_string()),
+                Some(uuid.as_str())
+            );
+            assert!(!plan.ticket.is_empty());
+            let reply = tss::TssResponse {
+                status: 0,
+                message: "SUCCESS".into(),
+                tickets: plist::Dictionary::from_iter([(
+                    plan.ticket.clone(),
+                    plist::Value::Data(vec![0x30, 0x00]),
+                )]),
+            };
+            let files = plan
+                .firmware
+                .components()
+                .into_iter()
+                .map(|c| (c.to_string(), data.to_vec()))
+                .collect();
+            match tss::firmware_response(&plan, &reply, &files) {
+                Ok(out) => assert!(out.contains_key(&plan.ticket)),
+                Err(e) => assert!(e.to_string().contains(&plan.updater), "{e}"),
+            }
+        }
+        Err(e) => assert!(e.to_string().contains(&args.name), "{e}"),
+    }
+}
+
 // ----- IMG4 -----------------------------------------------------------------------------------
 
 /// Components whose stitching the IMG4 target tries: with and without a restore 4CC rewrite.

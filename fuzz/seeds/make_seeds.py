@@ -264,3 +264,46 @@ oob = plistlib.dumps({"Command": "OOBData", "OOB Offset": 4096, "OOB Length": 51
 payload = plistlib.dumps({"Command": "Payload"}) + b"\n"
 write("asr_commands", "seed-session", pieces(initiate + oob + oob + payload, 255))
 write("asr_commands", "seed-small-pieces", pieces(b"  " + initiate + payload, 13))
+
+# ----- firmware_updater ------------------------------------------------------------------------
+# FirmwareUpdaterData Arguments (protocol.md §4.9) as restored sends them, and an RTKit FTAB.
+
+retimer = {
+    "MessageArgType": "FirmwareResponseData",
+    "MessageArgUpdaterName": "AppleTypeCRetimer",
+    "MessageArgInfo": {
+        "APInfo": {"ApProductionMode": True},
+        "InfoArray": [{"TagNumber": 1, "TicketName": "Timer,Ticket",
+                       "HardwareID": {"ChipID": 0x6600, "BoardID": 1, "ECID": 0x1234,
+                                      "Nonce": b"\x4e" * 32, "SecurityMode": True,
+                                      "SecurityDomain": 1, "ProductionStatus": True}}],
+    },
+    "DeviceGeneratedTags": {"ResponseTags": ["Timer,Ticket", "FirmwareData"]},
+}
+tcon = {
+    "MessageArgType": "FirmwareResponseData",
+    "MessageArgUpdaterName": "AppleTCON",
+    "MessageArgInfo": {"Baobab,BoardID": 7, "Baobab,ECID": b"\x0b" * 8,
+                       "Baobab,ProductionMode": True, "Baobab,UpdateNonce": b"\x55" * 20},
+    "DeviceGeneratedTags": {"ResponseTags": ["Baobab,Ticket", "FirmwareData"]},
+}
+ace3 = {
+    "MessageArgType": "FirmwareResponseData",
+    "MessageArgUpdaterName": "Ace3",
+    "MessageArgInfo": {},
+    "DeviceGeneratedTags": {"ResponseTags": ["USBPortController1,Ticket"]},
+    "DeviceGeneratedRequest": {"@USBPortController1,Ticket": True,
+                               "USBPortController1,Nonce": b"\x01" * 32},
+}
+write("firmware_updater", "seed-retimer", plistlib.dumps(retimer, fmt=plistlib.FMT_BINARY))
+write("firmware_updater", "seed-tcon", plistlib.dumps(tcon))
+write("firmware_updater", "seed-ace3", plistlib.dumps(ace3, fmt=plistlib.FMT_BINARY))
+ftab_entries = [(b"rkos", b"rtkit-os"), (b"rrko", b"restore")]
+header = struct.pack("<II", 1, 0xFFFFFFFF) + b"\0" * 24 + b"rkosftab" \
+    + struct.pack("<II", len(ftab_entries), 0)
+offset = 0x30 + 16 * len(ftab_entries)
+records = b""
+for tag, blob in ftab_entries:
+    records += tag + struct.pack("<III", offset, len(blob), 0)
+    offset += len(blob)
+write("firmware_updater", "seed-ftab", header + records + b"".join(b for _, b in ftab_entries))

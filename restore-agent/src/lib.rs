@@ -12,6 +12,7 @@ pub mod catalog_fetch;
 pub mod dfu;
 pub mod download;
 pub mod engine;
+pub mod ftab;
 pub mod http;
 pub mod identity;
 pub mod img4;

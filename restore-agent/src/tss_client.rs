@@ -95,6 +95,13 @@ pub enum TssClientError {
     InsideRuntime,
     #[error("cannot start the network runtime for TSS requests: {0}")]
     Runtime(String),
+    /// A firmware-updater request (§4.9) failed after it was built: which coprocessor.
+    #[error("the {updater} firmware ticket request failed: {source}")]
+    Updater {
+        updater: String,
+        #[source]
+        source: Box<TssClientError>,
+    },
 }
 
 /// Whether Apple signs a build for one Mac right now (§9.4).
@@ -171,6 +178,46 @@ impl TssClient {
     pub async fn send(&self, request: &Dictionary) -> Result<TssResponse, TssClientError> {
         let xml = tss::to_xml(request)?;
         self.post(&xml).await
+    }
+
+    /// Answers one `FirmwareUpdaterData` request end to end (§4.9): the updater's request is
+    /// built from the restore's build `identity` and restored's `arguments`, sent, and
+    /// `FirmwareResponseData` assembled from the reply and the component files `read` returns
+    /// (it is given IPSW paths). Every failure names the updater.
+    pub async fn firmware_updater<F, Fut>(
+        &self,
+        identity: &Dictionary,
+        arguments: &Dictionary,
+        read: F,
+    ) -> Result<Dictionary, TssClientError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
+    {
+        let args = tss::UpdaterArgs::parse(arguments)?;
+        let plan = tss::updater_request(identity, &args, &RequestUuid::random())?;
+        tracing::info!(updater = %plan.updater, ticket = %plan.ticket, "requesting a firmware-updater ticket");
+        let response = self
+            .send(&plan.request)
+            .await
+            .map_err(|e| TssClientError::Updater {
+                updater: plan.updater.clone(),
+                source: Box::new(e),
+            })?;
+        let mut files = std::collections::BTreeMap::new();
+        for component in plan.firmware.components() {
+            let fail = |what: String| TssError::UpdaterFirmware {
+                updater: plan.updater.clone(),
+                what,
+            };
+            let path = tss::updater::component_path(identity, component)
+                .ok_or_else(|| fail(format!("the build identity gives no path for {component}")))?;
+            let bytes = read(path.clone())
+                .await
+                .map_err(|e| fail(format!("cannot read {component} ({path}): {e}")))?;
+            files.insert(component.to_string(), bytes);
+        }
+        Ok(tss::firmware_response(&plan, &response, &files)?)
     }
 
     /// Asks Apple whether `identity` (one element of `BuildIdentities`) is signed for the Mac

@@ -552,6 +552,48 @@ fn tss_response_harness() {
 }
 
 #[test]
+fn firmware_updater_harness() {
+    const TOKENS: &[&[u8]] = &[
+        b"MessageArgUpdaterName",
+        b"MessageArgInfo",
+        b"MessageArgType",
+        b"FirmwareResponseData",
+        b"AppleTypeCRetimer",
+        b"AppleTCON",
+        b"T200",
+        b"Rose",
+        b"Cryptex1",
+        b"InfoArray",
+        b"HardwareID",
+        b"TagNumber",
+        b"TicketName",
+        b"ResponseTags",
+        b"FirmwareData",
+        b"DeviceGeneratedRequest",
+        b"ftab",
+        b"rkos",
+        b"rrko",
+        b"\xff\xff\xff\xff",
+    ];
+    run_target(
+        "firmware_updater",
+        harness::firmware_updater,
+        &seeds("firmware_updater"),
+        TOKENS,
+        0x6677_7570_6461_7465,
+        20_000,
+        |input| {
+            restore_agent::ftab::Ftab::parse(input).is_ok()
+                || matches!(
+                    plist::Value::from_reader(std::io::Cursor::new(input)),
+                    Ok(plist::Value::Dictionary(_))
+                )
+        },
+        100,
+    );
+}
+
+#[test]
 fn img4_harness() {
     use restore_agent::img4::der;
     const TOKENS: &[&[u8]] = &[

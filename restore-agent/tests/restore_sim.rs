@@ -295,6 +295,8 @@ async fn an_unknown_data_type_aborts_at_once_naming_it() {
             data_port: None,
             expect_variant: None,
             expect_host_abort: true,
+            expect_ticket: None,
+            expect_firmware: None,
         }),
     );
     let run = restore(s, None).await;
@@ -333,4 +335,99 @@ async fn multi_gib_image_streams_end_to_end() {
     assert_success(&run);
     let outcome = run.host.as_ref().unwrap();
     assert!(outcome.asr_sessions.iter().all(|a| a.payload_bytes == SIZE));
+}
+
+/// The board of the firmware-updater scenario: a MacBook Air M2 (J413AP) has USB-C retimers
+/// with FTAB firmware and a TCON.
+const UPDATER_BOARD: &str = "j413ap";
+
+/// A simulated TSS knowing the IPSW's (digest-rewritten) BuildManifest, and a client for it.
+async fn sim_tss(
+    ipsw: &std::path::Path,
+) -> (
+    Arc<mac_sim::services::tss::TssService>,
+    mac_sim::services::http::Server,
+    restore_agent::tss_client::TssClient,
+) {
+    use mac_sim::services::tss::{TssConfig, TssService};
+    use restore_agent::ipsw::{Ipsw, LocalFile};
+    let archive = Ipsw::open(Arc::new(LocalFile::open(ipsw).unwrap())).unwrap();
+    let manifest: plist::Dictionary =
+        plist::from_bytes(&archive.build_manifest().unwrap()).unwrap();
+    let tss = Arc::new(TssService::new(TssConfig {
+        manifests: vec![manifest],
+        ..TssConfig::default()
+    }));
+    let server = tss
+        .start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let client =
+        restore_agent::tss_client::TssClient::new(restore_agent::tss_client::TssClientConfig {
+            server: Some(server.url()),
+            max_attempts: 2,
+            retry_delay: Duration::from_millis(5),
+            ..Default::default()
+        })
+        .unwrap();
+    (tss, server, client)
+}
+
+/// Plays the firmware-updater scenario against the agent's restored client, with updater
+/// requests going to the simulated TSS. `refuse`: the TSS answers every request with 94.
+async fn updaters(refuse: bool) -> (Run, Arc<mac_sim::services::tss::TssService>) {
+    let scenario = shipped("mac-firmware-updaters");
+    let dir = Scratch::new(&scenario.name);
+    let ipsw = synthetic_ipsw_for(&dir, UPDATER_BOARD, OS_SIZE);
+    let (tss, _server, client) = sim_tss(&ipsw).await;
+    tss.faults
+        .always_94
+        .store(refuse, std::sync::atomic::Ordering::Relaxed);
+    let b = behavior(&scenario);
+    let ctx = Arc::new(IpswContext::open_for(UPDATER_BOARD, &ipsw, b, None).with_tss(client));
+    let rig = Rig::plug_board(UPDATER_BOARD, scenario, DEVICE_TIMEOUT);
+    let host = run_host(&rig, ctx, b).await;
+    let handle = rig.handle();
+    let device = tokio::task::spawn_blocking(move || handle.wait(DEVICE_TIMEOUT * 3))
+        .await
+        .unwrap();
+    (Run { host, device, rig }, tss)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_updaters_get_signed_tickets_and_firmware_from_the_tss() {
+    let (run, tss) = updaters(false).await;
+    let report = run.rig.handle().report();
+    if let Err(e) = &run.host {
+        panic!("host failed: {e}\n{}", report.log.join("\n"));
+    }
+    assert_eq!(run.device, Outcome::Succeeded, "{}", report.log.join("\n"));
+    assert_clean(&run);
+    // Both replies validated on the device: signed ticket bound to the coprocessor's nonce,
+    // an FTAB ending in rrko for the retimer, bytes for the TCON.
+    let served: Vec<_> = report
+        .served
+        .iter()
+        .filter(|s| *s == "FirmwareUpdaterData")
+        .collect();
+    assert_eq!(served.len(), 2, "{:?}", report.served);
+    assert_eq!(tss.requests(), 2);
+    let last = tss.last_request().unwrap();
+    assert_eq!(
+        last.get("@Baobab,Ticket"),
+        Some(&plist::Value::Boolean(true))
+    );
+    assert!(last.contains_key("Baobab,TCON"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_firmware_ticket_fails_naming_the_updater() {
+    let (run, _tss) = updaters(true).await;
+    let err = run.host.as_ref().expect_err("the TSS refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("AppleTypeCRetimer") && text.contains("94"),
+        "{text}"
+    );
+    assert!(!matches!(run.device, Outcome::Succeeded));
 }

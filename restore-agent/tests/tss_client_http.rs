@@ -366,3 +366,128 @@ fn the_blocking_client_is_the_personalizers_transport() {
         other => panic!("expected Unreachable, got {other:?}"),
     }
 }
+
+/// The iPhone13,2 manifest carries BMU (T200) and Rap (Rose) firmware; mac-sim's TSS signs
+/// both. Built, sent over HTTP, and answered with FirmwareData, as restore mode would.
+#[test]
+fn bmu_and_rose_updaters_go_through_the_simulated_tss() {
+    use mac_sim::services::tss::{TssConfig, TssService};
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/manifests/iOS_26.2.1_23C71_iPhone13,2/BuildManifest.plist"
+    ));
+    let path = std::env::var_os("MACRESCUE_SHARED")
+        .map(|s| {
+            PathBuf::from(s)
+                .join("fixtures/manifests/iOS_26.2.1_23C71_iPhone13,2/BuildManifest.plist")
+        })
+        .unwrap_or(path);
+    let manifest: Dictionary = plist::from_file(&path).unwrap();
+    let identity = manifest["BuildIdentities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_dictionary)
+        .find(|i| {
+            i["Manifest"]
+                .as_dictionary()
+                .unwrap()
+                .contains_key("BMU,FirmwareMap")
+        })
+        .unwrap()
+        .clone();
+    let rt = runtime();
+    let tss = Arc::new(TssService::new(TssConfig {
+        manifests: vec![manifest],
+        ..TssConfig::default()
+    }));
+    let server = rt
+        .block_on(tss.start("127.0.0.1:0".parse().unwrap(), None))
+        .unwrap();
+    let client = TssClient::new(config(server.url(), 1)).unwrap();
+    let dict = |pairs: Vec<(&str, Value)>| -> Dictionary {
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    };
+    let args = |name: &str, info: Dictionary, ticket: &str| {
+        dict(vec![
+            ("MessageArgType", Value::from("FirmwareResponseData")),
+            ("MessageArgUpdaterName", Value::from(name)),
+            ("MessageArgInfo", Value::Dictionary(info)),
+            (
+                "DeviceGeneratedTags",
+                Value::Dictionary(dict(vec![(
+                    "ResponseTags",
+                    Value::Array(vec![Value::from(ticket), Value::from("FirmwareData")]),
+                )])),
+            ),
+        ])
+    };
+    let map = b"<?xml version=\"1.0\"?><plist version=\"1.0\"><dict><key>fw</key><string>x</string></dict></plist>".to_vec();
+    let ftab = restore_agent::ftab::Ftab {
+        tag: *b"rkos",
+        entries: vec![restore_agent::ftab::FtabEntry {
+            tag: *b"rkos",
+            data: vec![1, 2, 3],
+        }],
+    }
+    .to_bytes()
+    .unwrap();
+    let read = |path: String| {
+        let (map, ftab) = (map.clone(), ftab.clone());
+        async move {
+            if path.ends_with("FirmwareMap.plist") {
+                Ok(map)
+            } else if path.contains("Rose") {
+                Ok(ftab)
+            } else {
+                Err(format!("unexpected file {path}"))
+            }
+        }
+    };
+
+    let bmu = args(
+        "T200",
+        dict(vec![
+            ("ChipID", Value::from(57601u64)),
+            ("Nonce", Value::Data(vec![5; 32])),
+            ("ProductionMode", Value::Boolean(true)),
+            ("UniqueID", Value::from(0x1122u64)),
+        ]),
+        "BMU,Ticket",
+    );
+    let out = rt
+        .block_on(client.firmware_updater(&identity, &bmu, read))
+        .unwrap();
+    assert!(out["BMU,Ticket"].as_data().unwrap().len() > 100);
+    let fw: Dictionary = plist::from_bytes(out["FirmwareData"].as_data().unwrap()).unwrap();
+    assert!(fw.contains_key("fw_map_digest") && fw.contains_key("fw"));
+
+    let rose = args(
+        "Rose",
+        dict(vec![
+            ("Rap,ChipID", Value::from(8198u64)),
+            ("Rap,ECID", Value::from(0x77u64)),
+            ("Rap,Nonce", Value::Data(vec![7; 32])),
+            ("Rap,ProductionMode", Value::Boolean(true)),
+            ("Rap,SecurityMode", Value::Boolean(true)),
+        ]),
+        "Rap,Ticket",
+    );
+    let out = rt
+        .block_on(client.firmware_updater(&identity, &rose, read))
+        .unwrap();
+    assert!(out.contains_key("Rap,Ticket"));
+    let t = restore_agent::ftab::Ftab::parse(out["FirmwareData"].as_data().unwrap()).unwrap();
+    assert_eq!(t.entries[0].data, vec![1, 2, 3]);
+
+    // Refused: the error names the coprocessor and the status.
+    tss.faults.always_94.store(true, Ordering::Relaxed);
+    let e = rt
+        .block_on(client.firmware_updater(&identity, &bmu, read))
+        .unwrap_err();
+    assert!(matches!(&e, TssClientError::Updater { updater, .. } if updater == "T200"));
+    assert!(
+        e.to_string().contains("T200") && e.to_string().contains("94"),
+        "{e}"
+    );
+}

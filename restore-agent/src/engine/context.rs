@@ -163,45 +163,6 @@ impl EngineContext {
     fn send(&self, e: EngineEvent) {
         let _ = self.events.send(e);
     }
-
-    /// The generic firmware-updater request (§4.9 "any unknown name"): the device's own
-    /// request merged over a new request, asking for `ResponseTags[0]`.
-    fn firmware_request(&self, arguments: &Dictionary) -> Dictionary {
-        let mut req = Dictionary::new();
-        req.insert(
-            "@HostPlatformInfo".into(),
-            Value::String(tss::HOST_PLATFORM_INFO.into()),
-        );
-        req.insert(
-            "@VersionInfo".into(),
-            Value::String(tss::VERSION_INFO.into()),
-        );
-        req.insert(
-            "@UUID".into(),
-            Value::String(RequestUuid::random().as_str().to_string()),
-        );
-        if let Some(Value::Dictionary(tags)) = arguments.get("DeviceGeneratedTags") {
-            if let Some(first) = tags
-                .get("ResponseTags")
-                .and_then(Value::as_array)
-                .and_then(|a| a.first())
-                .and_then(Value::as_string)
-            {
-                req.insert(format!("@{first}"), Value::Boolean(true));
-            }
-        }
-        if let Some(Value::Dictionary(info)) = arguments.get("MessageArgInfo") {
-            for (k, v) in info {
-                req.insert(k.clone(), v.clone());
-            }
-        }
-        if let Some(Value::Dictionary(dev)) = arguments.get("DeviceGeneratedRequest") {
-            for (k, v) in dev {
-                req.insert(k.clone(), v.clone());
-            }
-        }
-        req
-    }
 }
 
 impl RestoreContext for EngineContext {
@@ -319,11 +280,15 @@ impl RestoreContext for EngineContext {
     }
 
     async fn firmware_updater(&self, arguments: Dictionary) -> Result<Value, ContextError> {
-        let request = self.firmware_request(&arguments);
-        let response = self.tss.send(&request).await.map_err(failed)?;
-        let mut out = response.tickets.clone();
-        out.insert("@ServerVersion".into(), Value::String("macrescue".into()));
-        Ok(Value::Dictionary(out))
+        // The updater requests come from the identity the Mac is being restored with (§4.9).
+        let response = self
+            .tss
+            .firmware_updater(&self.identity, &arguments, |path| async move {
+                self.raw_file(path).await.map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(failed)?;
+        Ok(Value::Dictionary(response))
     }
 
     async fn url_request(&self, request: UrlRequest) -> Result<UrlResponse, ContextError> {

@@ -12,6 +12,7 @@ mod request;
 mod response;
 pub mod rules;
 pub mod transport;
+pub mod updater;
 
 pub use params::{parse_volume_uuid, IdentityParams, RequestUuid, TssParams};
 pub use request::{
@@ -19,6 +20,9 @@ pub use request::{
     recovery_os_root_request, to_xml, RecoveryOsLocalPolicyArgs, HOST_PLATFORM_INFO, VERSION_INFO,
 };
 pub use response::{parse_response, TssResponse};
+pub use updater::{
+    firmware_response, updater_request, FirmwarePlan, UpdaterArgs, UpdaterKind, UpdaterPlan,
+};
 
 /// Everything that can go wrong building a TSS request or reading Apple's answer.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,12 @@ pub enum TssError {
     GarbledResponse(String),
     #[error("the signing server's reply has no `{0}`; the build may not support this Mac: pick another build")]
     MissingTicket(String),
+    #[error("restored's firmware-updater request for {updater} is malformed ({what}); the restore ramdisk may be newer than this agent: report it with the log")]
+    UpdaterArguments { updater: String, what: String },
+    #[error("cannot build the {updater} firmware-updater TSS request: {what}; the IPSW may not be for this Mac: check the model and re-download it")]
+    UpdaterRequest { updater: String, what: String },
+    #[error("cannot assemble the {updater} firmware for the Mac: {what}; the IPSW may be damaged: re-download it")]
+    UpdaterFirmware { updater: String, what: String },
 }
 
 impl TssError {

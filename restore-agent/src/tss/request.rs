@@ -23,7 +23,7 @@ const IMG4_STRING_KEYS: &[&str] = &[
     "Ap,Timestamp",
 ];
 
-fn new_request(uuid: &RequestUuid) -> Dictionary {
+pub(super) fn new_request(uuid: &RequestUuid) -> Dictionary {
     let mut r = Dictionary::new();
     r.insert("@HostPlatformInfo".into(), HOST_PLATFORM_INFO.into());
     r.insert("@VersionInfo".into(), VERSION_INFO.into());

@@ -65,16 +65,53 @@ pub fn conditions_hold(conditions: &Dictionary, params: &TssParams) -> bool {
         .all(|(key, want)| condition_value(key, params).as_ref() == Some(want))
 }
 
+/// The request parameter a rule condition reads (libtatsu's mapping), or `None` for a
+/// condition nobody evaluates.
+pub fn condition_parameter(condition: &str) -> Option<&'static str> {
+    Some(match condition {
+        "ApRawProductionMode" | "ApCurrentProductionMode" => "ApProductionMode",
+        "ApRawSecurityMode" => "ApSecurityMode",
+        "ApRequiresImage4" => "ApSupportsImg4",
+        "ApDemotionPolicyOverride" => "DemotionPolicy",
+        "ApInRomDFU" => "ApInRomDFU",
+        _ => return None,
+    })
+}
+
 /// Apply `Info.RestoreRequestRules` to a request entry: every rule whose conditions all hold
 /// sets its boolean actions (later rules override earlier ones).
 pub fn apply_restore_request_rules(entry: &mut Dictionary, rules: &[Value], params: &TssParams) {
+    apply_rules_with(entry, rules, |key| condition_value(key, params));
+}
+
+/// [`apply_restore_request_rules`] for requests whose parameters are a dictionary (the
+/// firmware-updater requests of §4.9): a condition holds when the parameter it maps to is
+/// present and equal; a missing parameter makes the rule not apply.
+pub fn apply_restore_request_rules_from(
+    entry: &mut Dictionary,
+    rules: &[Value],
+    params: &Dictionary,
+) {
+    apply_rules_with(entry, rules, |key| {
+        condition_parameter(key).and_then(|p| params.get(p).cloned())
+    });
+}
+
+fn apply_rules_with(
+    entry: &mut Dictionary,
+    rules: &[Value],
+    value_of: impl Fn(&str) -> Option<Value>,
+) {
     for rule in rules.iter().filter_map(Value::as_dictionary) {
         let empty = Dictionary::new();
         let conditions = rule
             .get("Conditions")
             .and_then(Value::as_dictionary)
             .unwrap_or(&empty);
-        if !conditions_hold(conditions, params) {
+        if !conditions
+            .iter()
+            .all(|(key, want)| value_of(key).as_ref() == Some(want))
+        {
             continue;
         }
         let Some(actions) = rule.get("Actions").and_then(Value::as_dictionary) else {
@@ -91,7 +128,7 @@ pub fn apply_restore_request_rules(entry: &mut Dictionary, rules: &[Value], para
 
 /// `Dictionary::remove` swaps the last key into the hole; requests keep the manifest's key
 /// order (like the reference tools) so they stay comparable with captured ones.
-fn remove_keeping_order(dict: &mut Dictionary, key: &str) {
+pub(super) fn remove_keeping_order(dict: &mut Dictionary, key: &str) {
     dict.retain(|k, _| k != key);
 }
 
@@ -99,13 +136,13 @@ fn info(entry: &Dictionary) -> Option<&Dictionary> {
     entry.get("Info").and_then(Value::as_dictionary)
 }
 
-fn rules(entry: &Dictionary) -> Option<&Vec<Value>> {
+pub(super) fn rules(entry: &Dictionary) -> Option<&Vec<Value>> {
     info(entry)?
         .get("RestoreRequestRules")
         .and_then(Value::as_array)
 }
 
-fn is_true(dict: &Dictionary, key: &str) -> bool {
+pub(super) fn is_true(dict: &Dictionary, key: &str) -> bool {
     matches!(dict.get(key), Some(Value::Boolean(true)))
 }
 

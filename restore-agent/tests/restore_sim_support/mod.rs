@@ -27,6 +27,7 @@ use restore_agent::restored::{
     ContextError, LocalPolicyArgs, RestoreConfig, RestoreContext, RestoreEvent, UrlRequest,
     UrlResponse,
 };
+use restore_agent::tss_client::TssClient;
 use restore_agent::usb::{DeviceInfo, UsbBus};
 
 use crate::support::SimUsb;
@@ -86,7 +87,13 @@ impl Drop for Scratch {
 /// has erase, upgrade and `macOS Customer` identities (protocol.md §10); derive them from the
 /// fixture's identities so the device sees the variants a full IPSW would give.
 pub fn full_ipsw_manifest(dir: &Scratch) -> std::path::PathBuf {
-    let fixture = mac_sim::board::manifests_dir().join("J274AP.BuildManifest.plist");
+    full_ipsw_manifest_for(dir, BOARD)
+}
+
+/// [`full_ipsw_manifest`] of another board's fixture (`j413ap` → `J413AP.BuildManifest.plist`).
+pub fn full_ipsw_manifest_for(dir: &Scratch, board: &str) -> std::path::PathBuf {
+    let fixture = mac_sim::board::manifests_dir()
+        .join(format!("{}.BuildManifest.plist", board.to_uppercase()));
     let mut manifest: plist::Dictionary = plist::from_file(&fixture).unwrap();
     let identities = manifest
         .get("BuildIdentities")
@@ -138,9 +145,14 @@ pub fn full_ipsw_manifest(dir: &Scratch) -> std::path::PathBuf {
 
 /// A synthetic IPSW for the board, with the OS image stored (random access for ASR).
 pub fn synthetic_ipsw(dir: &Scratch, os_size: u64) -> std::path::PathBuf {
+    synthetic_ipsw_for(dir, BOARD, os_size)
+}
+
+/// [`synthetic_ipsw`] for another board.
+pub fn synthetic_ipsw_for(dir: &Scratch, board: &str, os_size: u64) -> std::path::PathBuf {
     let path = dir.0.join("test.ipsw");
-    let mut opts = IpswOptions::new(BOARD);
-    opts.manifest = Some(full_ipsw_manifest(dir));
+    let mut opts = IpswOptions::new(board);
+    opts.manifest = Some(full_ipsw_manifest_for(dir, board));
     opts.os_size = os_size;
     make_ipsw(&opts, &path).unwrap();
     path
@@ -155,6 +167,9 @@ pub struct IpswContext {
     image: ImageSource,
     /// Files a full IPSW has that `make_ipsw` does not write (the BootabilityBundle, §7.7.1).
     overlay: BTreeMap<String, Vec<u8>>,
+    /// When set, firmware-updater requests (§4.9) go to this TSS, as the engine sends them;
+    /// otherwise they are echoed back.
+    tss: Option<TssClient>,
     pub events: Mutex<Vec<RestoreEvent>>,
 }
 
@@ -166,15 +181,28 @@ impl IpswContext {
         behavior: RestoreBehavior,
         image: Option<ImageSource>,
     ) -> IpswContext {
-        let board = Board::load(BOARD).unwrap();
+        Self::open_for(BOARD, ipsw_path, behavior, image)
+    }
+
+    /// [`IpswContext::open`] for an IPSW of another board.
+    pub fn open_for(
+        board_config: &str,
+        ipsw_path: &Path,
+        behavior: RestoreBehavior,
+        image: Option<ImageSource>,
+    ) -> IpswContext {
+        let board = Board::load(board_config).unwrap();
         let ipsw = Ipsw::open(Arc::new(LocalFile::open(ipsw_path).unwrap())).unwrap();
         let manifest = BuildManifest::from_bytes(&ipsw.build_manifest().unwrap()).unwrap();
         let mb = match behavior {
             RestoreBehavior::Erase => ManifestBehavior::Erase,
             RestoreBehavior::Update => ManifestBehavior::Update,
         };
-        let identity = manifest.select_identity(BOARD, mb).unwrap().clone();
-        let recovery_identity = manifest.macos_customer_identity(BOARD).unwrap().clone();
+        let identity = manifest.select_identity(board_config, mb).unwrap().clone();
+        let recovery_identity = manifest
+            .macos_customer_identity(board_config)
+            .unwrap()
+            .clone();
         let ticket = sign_im4m(&TicketSpec::simple(
             board.cpid,
             board.bdid,
@@ -208,8 +236,15 @@ impl IpswContext {
             ticket,
             image,
             overlay,
+            tss: None,
             events: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Send firmware-updater requests to `client` (the simulated TSS in tests).
+    pub fn with_tss(mut self, client: TssClient) -> IpswContext {
+        self.tss = Some(client);
+        self
     }
 
     pub fn image(&self) -> ImageSource {
@@ -318,6 +353,15 @@ impl RestoreContext for IpswContext {
     }
 
     async fn firmware_updater(&self, arguments: Dictionary) -> Result<Value, ContextError> {
+        if let Some(tss) = &self.tss {
+            let response = tss
+                .firmware_updater(&self.identity.raw, &arguments, |path| async move {
+                    self.file(&path).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(failed)?;
+            return Ok(Value::Dictionary(response));
+        }
         let mut d = Dictionary::new();
         d.insert("Echo".into(), Value::Dictionary(arguments));
         Ok(Value::Dictionary(d))
@@ -360,6 +404,11 @@ pub struct Rig {
 
 impl Rig {
     pub fn plug(scenario: Scenario, device_timeout: Duration) -> Rig {
+        Self::plug_board(BOARD, scenario, device_timeout)
+    }
+
+    /// [`Rig::plug`] with a Mac of another board.
+    pub fn plug_board(board: &str, scenario: Scenario, device_timeout: Duration) -> Rig {
         let usb = SimUsb::new();
         let latest = Arc::new(Mutex::new(None));
         let cfg = SimRestoreConfig {
@@ -367,7 +416,7 @@ impl Rig {
             ..SimRestoreConfig::default()
         };
         let mac = SimMac::new(
-            Board::load(BOARD).unwrap(),
+            Board::load(board).unwrap(),
             ECID,
             StartMode::Restore,
             Faults::default(),

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use plist::{Dictionary, Value};
 use sha2::{Digest, Sha256};
 
+use crate::ftab;
 use crate::images::{fourcc_for, RESTORE_REWRITES};
 use crate::img4::{build_im4p, FourCc};
 use crate::ticket::{self, TicketSpec};
@@ -194,6 +195,8 @@ struct Comp {
     name: String,
     path: String,
     payload_type: Option<String>,
+    /// `Info.IsFTAB`: the file is an RTKit firmware table, not an IM4P.
+    ftab: bool,
 }
 
 fn identities(manifest: &Dictionary) -> impl Iterator<Item = &Dictionary> {
@@ -219,6 +222,7 @@ fn components(id: &Dictionary) -> Vec<Comp> {
                     .get("Img4PayloadType")
                     .and_then(Value::as_string)
                     .map(str::to_string),
+                ftab: info.get("IsFTAB").and_then(Value::as_boolean) == Some(true),
             })
         })
         .collect()
@@ -265,10 +269,14 @@ type Files = BTreeMap<String, (Vec<u8>, Vec<(String, Vec<u8>)>)>;
 fn component_files(manifest: &Dictionary, os_paths: &BTreeSet<String>) -> Files {
     // Every component that uses a path, across identities.
     let mut users: BTreeMap<String, BTreeMap<String, Option<String>>> = BTreeMap::new();
+    let mut ftabs = BTreeSet::new();
     for id in identities(manifest) {
         for c in components(id) {
             if os_paths.contains(&c.path) {
                 continue;
+            }
+            if c.ftab {
+                ftabs.insert(c.path.clone());
             }
             users
                 .entry(c.path)
@@ -278,6 +286,22 @@ fn component_files(manifest: &Dictionary, os_paths: &BTreeSet<String>) -> Files 
     }
     let mut files = Files::new();
     for (path, names) in users {
+        if ftabs.contains(&path) {
+            // An RTKit firmware table as real IPSWs ship it (`Firmware/rt13m0/Release/ftab.bin`
+            // serves both RTKitOS and RestoreRTKitOS): the OS and the restore OS as entries.
+            let table = ftab::Table {
+                tag: *b"rkos",
+                entries: vec![
+                    (*b"rkos", payload(&path)),
+                    (*b"rrko", payload(&format!("{path}#restore"))),
+                ],
+            }
+            .write();
+            let digest = ticket::sha384(&table);
+            let digests = names.keys().map(|n| (n.clone(), digest.clone())).collect();
+            files.insert(path, (table, digests));
+            continue;
+        }
         // Stored 4CC: a component the host does not rewrite, if any uses the file.
         let stored = names
             .iter()

@@ -9,6 +9,7 @@ pub mod descriptors;
 pub mod device;
 pub mod dfu;
 pub mod faults;
+pub mod ftab;
 pub mod iboot;
 pub mod images;
 pub mod img4;

@@ -126,7 +126,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Serve a simulated TSS that signs tickets with the test key the simulated Mac trusts.
+    /// Serve a simulated TSS that signs tickets with the test key the simulated Mac trusts:
+    /// AP, local-policy and recoveryOS tickets, and the firmware-updater tickets of retimers
+    /// (Timer), the TCON (Baobab), BMU and Rose (Rap).
     Tss {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,

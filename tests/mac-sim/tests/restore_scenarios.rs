@@ -360,6 +360,8 @@ fn unknown_data_type_makes_the_host_abort() {
             data_port: None,
             expect_variant: None,
             expect_host_abort: true,
+            expect_ticket: None,
+            expect_firmware: None,
         }),
     );
     let (r, handle, _) = run(s, Bad::default());
@@ -526,6 +528,8 @@ fn every_other_message_type_and_optional_data_types_play_through() {
             data_port: None,
             expect_variant: None,
             expect_host_abort: false,
+            expect_ticket: None,
+            expect_firmware: None,
         })
     };
     let extra = vec![

@@ -402,7 +402,8 @@ async fn over_https_with_counting_and_faults() {
         &TssReply {
             status: 94,
             message: "This device isn't eligible for the requested build.".into(),
-            ticket: None
+            ticket: None,
+            ticket_key: String::new(),
         }
         .body()[..]
     );

@@ -891,13 +891,7 @@ impl Player {
                     Err(format!("expected an empty dictionary, got {d:?}"))
                 }
             }
-            "FirmwareUpdaterData" => {
-                if d.contains_key("FirmwareResponseData") {
-                    Ok(())
-                } else {
-                    Err("reply needs FirmwareResponseData".into())
-                }
-            }
+            "FirmwareUpdaterData" => check_firmware_response(d, r),
             "HostSystemTime" => {
                 let t = match d.get("SetHostTimeOnDevice") {
                     Some(Value::Real(r)) => *r,
@@ -928,6 +922,103 @@ fn step_name(s: &Step) -> String {
         Step::RestoredCrash { .. } => "RestoredCrash".into(),
         Step::RestoreAttestation => "RestoreAttestation".into(),
         Step::AsyncWait => "AsyncWait".into(),
+    }
+}
+
+/// The coprocessor chip and nonce a firmware-updater request reported (§4.9), which the
+/// ticket in the reply must be bound to.
+fn updater_binding(args: &Dictionary) -> (Option<u64>, Option<Vec<u8>>) {
+    let name = args
+        .get("MessageArgUpdaterName")
+        .and_then(Value::as_string)
+        .unwrap_or_default();
+    let info = args.get("MessageArgInfo").and_then(Value::as_dictionary);
+    let (src, chip, nonce) = match name {
+        "AppleTypeCRetimer" => (
+            info.and_then(|i| i.get("InfoArray"))
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(Value::as_dictionary)
+                .and_then(|e| e.get("HardwareID"))
+                .and_then(Value::as_dictionary),
+            "ChipID",
+            "Nonce",
+        ),
+        "AppleTCON" => (info, "Baobab,ChipID", "Baobab,UpdateNonce"),
+        "T200" => (info, "ChipID", "Nonce"),
+        "Rose" => (info, "Rap,ChipID", "Rap,Nonce"),
+        _ => (None, "", ""),
+    };
+    (
+        src.and_then(|s| s.get(chip))
+            .and_then(Value::as_unsigned_integer),
+        src.and_then(|s| s.get(nonce))
+            .and_then(Value::as_data)
+            .map(<[u8]>::to_vec),
+    )
+}
+
+/// Validate a `FirmwareUpdaterData` reply: `FirmwareResponseData` present; with
+/// `expect_ticket`, that ticket signed with the test key for the reported coprocessor and
+/// nonce; with `expect_firmware`, `FirmwareData` of that shape.
+pub fn check_firmware_response(reply: &Dictionary, r: &DataRequest) -> Result<(), String> {
+    let resp = match reply.get("FirmwareResponseData") {
+        Some(Value::Dictionary(d)) => d,
+        Some(_) if r.expect_ticket.is_none() && r.expect_firmware.is_none() => return Ok(()),
+        Some(_) => return Err("FirmwareResponseData is not a dictionary".into()),
+        None => return Err("reply needs FirmwareResponseData".into()),
+    };
+    if let Some(key) = &r.expect_ticket {
+        let raw = resp.get(key).and_then(Value::as_data).ok_or_else(|| {
+            format!(
+                "FirmwareResponseData has no {key} (data); keys {:?}",
+                resp.keys().collect::<Vec<_>>()
+            )
+        })?;
+        let m = Im4m::parse(raw).map_err(|e| format!("{key} is not an IM4M: {e}"))?;
+        let sig = m.signature.ok_or_else(|| format!("{key} is not signed"))?;
+        if !crate::ticket::verify_signature(m.signed_set, sig) {
+            return Err(format!("{key} is not signed by the trusted (test) key"));
+        }
+        let args = match toml_to_plist(&toml::Value::Table(r.arguments.clone())) {
+            Value::Dictionary(d) => d,
+            _ => Dictionary::new(),
+        };
+        let (chip, nonce) = updater_binding(&args);
+        if let Some(chip) = chip {
+            if m.manp_uint("CHIP") != Some(chip) {
+                return Err(format!(
+                    "{key} is for CHIP {:?}, the coprocessor is {chip:#x}",
+                    m.manp_uint("CHIP")
+                ));
+            }
+        }
+        if let Some(nonce) = nonce {
+            if m.manp_data("BNCH") != Some(nonce.as_slice()) {
+                return Err(format!(
+                    "{key} is not bound to the coprocessor's nonce {}",
+                    hex::encode(&nonce)
+                ));
+            }
+        }
+    }
+    match (r.expect_firmware.as_deref(), resp.get("FirmwareData")) {
+        (None, _) => Ok(()),
+        (Some("none"), None) => Ok(()),
+        (Some("none"), Some(_)) => Err("FirmwareData was sent but not asked for".into()),
+        (Some(_), None) => Err("FirmwareResponseData has no FirmwareData".into()),
+        (Some("data"), Some(Value::Data(b))) if !b.is_empty() => Ok(()),
+        (Some("ftab"), Some(Value::Data(b))) => {
+            let t = crate::ftab::Table::parse(b).map_err(|e| format!("FirmwareData: {e}"))?;
+            if &t.tag != b"rkos" {
+                return Err(format!("FirmwareData table tag is {:?}, not rkos", t.tag));
+            }
+            match t.entries.last() {
+                Some((tag, data)) if tag == b"rrko" && !data.is_empty() => Ok(()),
+                _ => Err("FirmwareData does not end with the restore OS (rrko) entry".into()),
+            }
+        }
+        (Some(shape), Some(v)) => Err(format!("FirmwareData {v:?} is not of shape {shape}")),
     }
 }
 

@@ -171,6 +171,12 @@ pub struct DataRequest {
     /// The host must not answer but abort (an unknown DataType).
     #[serde(default)]
     pub expect_host_abort: bool,
+    /// FirmwareUpdaterData: the ticket `FirmwareResponseData` must carry (e.g. `Timer,Ticket`),
+    /// signed with the test key for the coprocessor and nonce in `MessageArgInfo`.
+    pub expect_ticket: Option<String>,
+    /// FirmwareUpdaterData: the shape `FirmwareData` must have: `"ftab"` (an RTKit table whose
+    /// last entry is `rrko`), `"data"` (non-empty bytes) or `"none"` (absent).
+    pub expect_firmware: Option<String>,
 }
 
 impl Scenario {
@@ -328,7 +334,7 @@ mod tests {
 
     #[test]
     fn shipped_scenarios_parse() {
-        for name in ["mac-revive", "mac-erase"] {
+        for name in ["mac-revive", "mac-erase", "mac-firmware-updaters"] {
             let s = Scenario::shipped(name).unwrap();
             assert!(!s.steps.is_empty(), "{name}");
         }

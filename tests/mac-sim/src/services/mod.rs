@@ -9,3 +9,4 @@ pub mod cdn;
 pub mod http;
 pub mod pki;
 pub mod tss;
+pub mod tss_updater;

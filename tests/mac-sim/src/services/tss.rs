@@ -27,6 +27,9 @@
 //!      94 (an image of another build); `Trusted` and the rule-derived `EPRO`/`ESEC`/`DPRO`/`DSEC`
 //!      are exactly what §4.5 gives for the request's modes — else 100.
 //!
+//! Requests for a coprocessor's `@<X>,Ticket` (firmware updaters, §4.9) are checked and signed
+//! by [`crate::services::tss_updater`] instead.
+//!
 //! The ticket covers the request's ECID, `BNCH` = ApNonce, `snon` = SEP nonce, the modes, and
 //! one object per component carried (DGST = the request's Digest, EPRO/ESEC as requested,
 //! EKEY = Trusted). Local-policy tickets carry `lobo`, `nsih` (and `ronh`, `vuid`) in MANP and
@@ -44,6 +47,7 @@ use plist::{Dictionary, Value};
 use crate::images::{fourcc_for, LPOL_IM4P};
 use crate::img4::{FourCc, PropValue};
 use crate::services::http::{handler, Request, Responder, Server};
+use crate::services::tss_updater;
 use crate::ticket::{self, ComponentEntry, TicketSpec};
 
 /// Entries never sent (§4.5).
@@ -143,6 +147,9 @@ pub struct TssReply {
     pub message: String,
     /// The signed IM4M on success.
     pub ticket: Option<Vec<u8>>,
+    /// The key the ticket is returned under: `ApImg4Ticket`, or the `<X>,Ticket` a
+    /// firmware-updater request asked for (§4.9).
+    pub ticket_key: String,
 }
 
 impl TssReply {
@@ -151,14 +158,15 @@ impl TssReply {
             status,
             message: message.into(),
             ticket: None,
+            ticket_key: String::new(),
         }
     }
 
-    fn malformed(why: impl std::fmt::Display) -> TssReply {
+    pub(super) fn malformed(why: impl std::fmt::Display) -> TssReply {
         TssReply::fail(100, format!("Malformed request: {why}"))
     }
 
-    fn not_eligible() -> TssReply {
+    pub(super) fn not_eligible() -> TssReply {
         TssReply::fail(94, "This device isn't eligible for the requested build.")
     }
 
@@ -167,7 +175,7 @@ impl TssReply {
         let mut out = format!("STATUS={}&MESSAGE={}", self.status, self.message).into_bytes();
         if let Some(t) = &self.ticket {
             let mut d = Dictionary::new();
-            d.insert("ApImg4Ticket".into(), Value::Data(t.clone()));
+            d.insert(self.ticket_key.clone(), Value::Data(t.clone()));
             let mut xml = Vec::new();
             // Writing a dictionary of data into a Vec cannot fail.
             if plist::to_writer_xml(&mut xml, &Value::Dictionary(d)).is_ok() {
@@ -199,7 +207,7 @@ pub struct TssService {
     last_request: Mutex<Option<Dictionary>>,
 }
 
-fn uint(v: Option<&Value>) -> Option<u64> {
+pub(super) fn uint(v: Option<&Value>) -> Option<u64> {
     match v? {
         Value::Integer(i) => i.as_unsigned(),
         Value::String(s) => {
@@ -214,9 +222,9 @@ fn uint(v: Option<&Value>) -> Option<u64> {
 }
 
 /// The request's mode parameters, as the rule conditions read them (§4.5).
-struct Modes {
-    production: bool,
-    security: bool,
+pub(super) struct Modes {
+    pub(super) production: bool,
+    pub(super) security: bool,
 }
 
 impl Modes {
@@ -235,7 +243,7 @@ impl Modes {
 
     /// The boolean keys (`EPRO`, `ESEC` …) an entry must carry. `defaults`: entries without
     /// rules get EPRO/ESEC from the modes (main request only).
-    fn expected(&self, info: Option<&Dictionary>, defaults: bool) -> Dictionary {
+    pub(super) fn expected(&self, info: Option<&Dictionary>, defaults: bool) -> Dictionary {
         let mut out = Dictionary::new();
         match info
             .and_then(|i| i.get("RestoreRequestRules"))
@@ -341,11 +349,23 @@ impl TssService {
         if let Ok(mut g) = self.last_request.lock() {
             *g = Some(req.clone());
         }
+        if let Some(key) = tss_updater::requested_ticket(&req) {
+            return match tss_updater::evaluate(&self.config, &req, &key) {
+                Ok(t) => TssReply {
+                    status: 0,
+                    message: "SUCCESS".into(),
+                    ticket: Some(t),
+                    ticket_key: key,
+                },
+                Err(r) => r,
+            };
+        }
         match self.evaluate_dict(&req) {
             Ok(t) => TssReply {
                 status: 0,
                 message: "SUCCESS".into(),
                 ticket: Some(t),
+                ticket_key: "ApImg4Ticket".into(),
             },
             Err(r) => r,
         }
