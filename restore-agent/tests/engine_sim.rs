@@ -245,12 +245,6 @@ impl Env {
         s.image.seed = None;
         s.image.sha1 = None;
         s.image.path = Some(self.os_image.clone());
-        // The shipped AppleTCON step (§4.9) cannot be built for j274ap, which has no TCON
-        // (no Baobab,* components); mac-firmware-updaters.toml covers updaters on J413AP.
-        s.steps.retain(|st| {
-            !matches!(st, Step::DataRequestMsg(d) | Step::AsyncDataRequestMsg(d)
-                if d.data_type == "FirmwareUpdaterData")
-        });
         if let Some(end) = end {
             let last = s
                 .steps

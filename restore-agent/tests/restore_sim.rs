@@ -162,7 +162,6 @@ async fn revive_restores_end_to_end_from_an_ipsw_entry() {
         "BootabilityBundle",
         "SystemImageData",
         "ReceiptManifest",
-        "FirmwareUpdaterData",
         "URLAsset",
     ] {
         assert!(

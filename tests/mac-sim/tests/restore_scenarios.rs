@@ -80,7 +80,6 @@ fn revive_scenario_restores_end_to_end() {
         "SystemImageData",
         "ReceiptManifest",
         "FirmwareUpdaterPreflight",
-        "FirmwareUpdaterData",
         "URLAsset",
     ] {
         assert!(
