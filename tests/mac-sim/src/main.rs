@@ -283,12 +283,20 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Boards => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
             for b in Board::fixture_boards()? {
                 let board = Board::load(&b)?;
-                println!(
+                let line = writeln!(
+                    out,
                     "{:<14} CPID:{:04X} BDID:{:02X}",
                     board.board_config, board.cpid, board.bdid
                 );
+                // `mac-sim boards | head`: a reader that has seen enough is not an error.
+                match line {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    other => other?,
+                }
             }
         }
         Cmd::Describe { board, mode, ecid } => {

@@ -78,3 +78,29 @@ fn make_bootchain_writes_images() {
     assert_eq!(mac_sim::images::validate_ibss(&ibss, &board), Ok(()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Regression: `mac-sim boards | head` panicked on the closed pipe ("failed printing to
+/// stdout") instead of stopping quietly.
+#[test]
+fn boards_stops_quietly_when_the_reader_goes_away() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    // The reader is gone before the first line is written: every write fails with EPIPE.
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mac-sim"))
+        .arg("boards")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
