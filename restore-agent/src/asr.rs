@@ -10,7 +10,9 @@
 //! any tokio byte stream (a [`crate::usbmux::edge::MuxStream`] in production). The image is
 //! read through [`RandomAccess`] on a blocking thread, at most
 //! [`AsrConfig::read_ahead_chunks`] chunks ahead of the stream, so memory stays bounded
-//! whatever the image size and disk reads overlap USB writes.
+//! whatever the image size and disk reads overlap USB writes. Chunks are hashed on that thread
+//! too (SHA-1 runs on SHA-NI on x86-64, detected at run time by the `sha1` crate) and their
+//! buffers are recycled.
 
 use std::io;
 use std::sync::Arc;
@@ -410,14 +412,20 @@ async fn send_payload<S: AsyncWrite + Unpin>(
     let checksum = stats.checksum_chunks;
     let (tx, mut rx) =
         tokio::sync::mpsc::channel::<Result<Chunk, AsrError>>(config.read_ahead_chunks.max(1));
+    // Written chunks go back to the reader for reuse: a fresh 128 KiB buffer per chunk is, with
+    // musl's allocator, an mmap + page faults + munmap every time.
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     // Reading and hashing run on a blocking thread; the channel's capacity is the read-ahead,
-    // so memory is bounded and the thread stops as soon as the stream side goes away.
+    // so memory is bounded (at most read-ahead + 2 buffers exist) and the thread stops as soon
+    // as the stream side goes away.
     let reader = tokio::task::spawn_blocking(move || {
         let mut offset = 0u64;
         while offset < size {
             // At most CHUNK_SIZE, so it fits usize.
             let len = (size - offset).min(CHUNK_SIZE as u64) as usize;
-            let mut data = vec![0u8; len];
+            let mut data = free_rx.try_recv().unwrap_or_default();
+            // `read_at` overwrites every byte, so a recycled buffer's old contents never leak.
+            data.resize(len, 0);
             let item = match source.read_at(offset, &mut data) {
                 Ok(()) => {
                     let sha1 = checksum.then(|| Sha1::digest(&data).into());
@@ -442,6 +450,8 @@ async fn send_payload<S: AsyncWrite + Unpin>(
         sent += chunk.data.len() as u64;
         stats.payload_bytes = sent;
         progress(sent, size);
+        // The reader may have finished already; then the buffer is simply freed.
+        let _ = free_tx.send(chunk.data);
     }
     drop(rx);
     // The reader ends on its own once the channel is closed; a panic there is a bug.

@@ -139,9 +139,11 @@ impl Conn {
     /// Takes up to `buf.len()` inbound bytes and counts them as delivered (advancing the ack).
     pub fn read_into(&mut self, buf: &mut [u8]) -> usize {
         let n = buf.len().min(self.inbound.len());
-        for (dst, src) in buf.iter_mut().zip(self.inbound.drain(..n)) {
-            *dst = src;
-        }
+        let (front, back) = self.inbound.as_slices();
+        let from_front = n.min(front.len());
+        buf[..from_front].copy_from_slice(&front[..from_front]);
+        buf[from_front..n].copy_from_slice(&back[..n - from_front]);
+        self.inbound.drain(..n);
         self.delivered(n);
         n
     }
@@ -225,6 +227,26 @@ mod tests {
         let h = c.header(tcp_flags::ACK, 512);
         assert_eq!(h.ack, 12);
         assert!(!c.ack_pending());
+    }
+
+    #[test]
+    fn reads_across_the_ring_buffers_wrap_keep_byte_order() {
+        let mut c = Conn::new(1, 2);
+        c.inbound.reserve_exact(8);
+        let cap = c.inbound.capacity();
+        // Fill, then take from the front and append so the data wraps around the ring.
+        c.inbound.extend((0..cap).map(|i| i as u8));
+        c.inbound.drain(..cap - 3);
+        c.inbound.extend([200, 201, 202, 203]);
+        assert!(
+            !c.inbound.as_slices().1.is_empty(),
+            "the test needs a wrapped ring"
+        );
+        let want: Vec<u8> = c.inbound.iter().copied().collect();
+        let mut buf = vec![0u8; want.len() + 5];
+        assert_eq!(c.read_into(&mut buf), want.len());
+        assert_eq!(&buf[..want.len()], &want[..]);
+        assert_eq!(c.tx_ack, want.len() as u32);
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! The edge that runs a [`Mux`] over a real (or simulated) USB device, for tokio.
 //!
-//! Layout: one blocking thread reads bulk IN transfers, one writes bulk OUT transfers, and a
-//! tokio task ("driver") owns the timers and moves bytes between them and the mux. Each
-//! connection is a [`MuxStream`] (`AsyncRead + AsyncWrite`) that calls into the mux directly
-//! under a short lock; backpressure is the mux's own (its `send`/`recv` return 0 and the
-//! `Readable`/`Writable` events wake the stream).
+//! Layout: two blocking threads and no task. The reader thread waits on bulk IN and feeds each
+//! transfer to the mux itself; the writer thread pulls the mux's next bulk OUT transfer, writes
+//! it, and when there is nothing to send sleeps until it is kicked or the mux's ACK timer is
+//! due. Each connection is a [`MuxStream`] (`AsyncRead + AsyncWrite`) that calls into the mux
+//! directly under a short lock and kicks the writer; backpressure is the mux's own (its
+//! `send`/`recv` return 0 and the `Readable`/`Writable` events wake the stream).
+//!
+//! Nothing hops through a queue or a task on the way: at USB line rate the image is ~1 300
+//! mux packets a second, and a thread wake-up per packet and direction cost more host CPU
+//! than the packets themselves. The only copies of the payload are the stream's write into
+//! the connection buffer and the mux building each transfer from it.
 //!
 //! When the transport offers a second handle ([`UsbTransport::bulk_handle`]) the reader owns it
 //! and reads and writes overlap freely. Otherwise the two threads take turns on the one handle
@@ -18,13 +24,13 @@ use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::{ConnError, ConnId, Event, Mux, MuxConfig, MuxError, RX_TRANSFER_SIZE};
@@ -113,19 +119,22 @@ pub struct EdgeConfig {
     /// Bulk OUT timeout: a device that takes longer to accept 48 KiB is stuck.
     pub write_timeout: Duration,
     pub handshake_timeout: Duration,
-    /// Bulk OUT transfers queued towards the writer thread at most.
-    pub write_queue: usize,
 }
 
 impl Default for EdgeConfig {
     fn default() -> Self {
         Self {
-            mux: MuxConfig::default(),
+            mux: MuxConfig {
+                // usbmuxd's 64 KiB counts bytes in flight, so it can never fill the 128 KiB
+                // window a Mac advertises (usbmuxd traces: `window=131072[512]`); with room
+                // for two windows the next packets are ready the moment an ACK arrives.
+                outbound_capacity: 262_144,
+                ..MuxConfig::default()
+            },
             read_poll: Duration::from_millis(200),
             shared_read_poll: Duration::from_millis(5),
             write_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
-            write_queue: 8,
         }
     }
 }
@@ -251,27 +260,50 @@ fn gone(why: &str) -> io::Error {
     )
 }
 
-enum FromUsb {
-    In(Vec<u8>),
-    Written,
-    Gone(String),
-}
-
 struct Shared {
     core: Mutex<Core>,
-    notify: Notify,
     ready: watch::Sender<Option<u32>>,
-    /// After every pass of the driver: (pass number, nothing left to hand to the writer and no
-    /// transfer in flight). [`MuxHandle::close`] waits on it so the last bytes (restored's
+    /// Published by the writer whenever it found nothing left to send: (idle pass number,
+    /// true). [`MuxHandle::close`] waits on it so the last bytes (restored's
     /// `ReceivedFinalStatusMsg`, a connection's close) reach the Mac before the link stops.
     flushed: watch::Sender<(u64, bool)>,
     stop: AtomicBool,
+    /// Something may be ready to send: the writer must look again before it sleeps.
+    kicked: AtomicBool,
+    writer: OnceLock<thread::Thread>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock is a bug in the mux; keep serving what is left.
         self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the writer after anything that may have given the mux something to send (new
+    /// data, an ACK that opened the window, a close, a timer to re-arm). Cheap when the writer
+    /// is busy: it only sets a flag.
+    fn kick(&self) {
+        self.kicked.store(true, Ordering::Release);
+        if let Some(t) = self.writer.get() {
+            t.unpark();
+        }
+    }
+
+    /// Stops both threads; what is still queued is dropped.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// The link is dead (device gone, protocol error): fail every stream, wake a handshake
+    /// still waiting, stop both threads.
+    fn fail(&self, why: String) {
+        let mut core = self.lock();
+        core.fail(why);
+        core.dispatch_events(&self.ready);
+        drop(core);
+        self.ready.send_modify(|_| {});
+        self.stop();
     }
 }
 
@@ -280,9 +312,8 @@ struct Guard(Arc<Shared>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.stop.store(true, Ordering::SeqCst);
         self.0.lock().fail("the host closed the usbmux link".into());
-        self.0.notify.notify_one();
+        self.0.stop();
     }
 }
 
@@ -304,8 +335,8 @@ impl std::fmt::Debug for MuxHandle {
 }
 
 impl MuxHandle {
-    /// Claims the usbmux interface of `transport`, starts the I/O threads and the driver task
-    /// and waits for the handshake. Must be called inside a tokio runtime.
+    /// Claims the usbmux interface of `transport`, starts the I/O threads and waits for the
+    /// handshake. Must be called inside a tokio runtime.
     pub async fn open(
         mut transport: Box<dyn UsbTransport>,
         config: EdgeConfig,
@@ -326,10 +357,11 @@ impl MuxHandle {
                 conns: HashMap::new(),
                 failed: None,
             }),
-            notify: Notify::new(),
             ready: ready_tx,
             flushed: watch::channel((0, false)).0,
             stop: AtomicBool::new(false),
+            kicked: AtomicBool::new(true),
+            writer: OnceLock::new(),
         });
         let (reader, writer, poll) = match transport.bulk_handle() {
             Some(second) => (Bulk::Own(second), Bulk::Own(transport), config.read_poll),
@@ -344,17 +376,8 @@ impl MuxHandle {
                 )
             }
         };
-        let (usb_tx, usb_rx) = mpsc::unbounded_channel();
-        let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-
-        spawn_reader(reader, &shared, iface.ep_in, poll, usb_tx.clone());
-        spawn_writer(writer, iface.ep_out, config.write_timeout, out_rx, usb_tx);
-        tokio::spawn(drive(
-            shared.clone(),
-            usb_rx,
-            out_tx,
-            config.write_queue.max(1),
-        ));
+        spawn_reader(reader, &shared, iface.ep_in, poll);
+        spawn_writer(writer, &shared, iface.ep_out, config.write_timeout);
 
         let wait = async {
             loop {
@@ -365,19 +388,18 @@ impl MuxHandle {
                     return Err(EdgeError::Gone(why));
                 }
                 if ready_rx.changed().await.is_err() {
-                    return Err(EdgeError::Gone("driver stopped".into()));
+                    return Err(EdgeError::Gone("the usbmux threads stopped".into()));
                 }
             }
         };
         let version = match tokio::time::timeout(config.handshake_timeout, wait).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
-                shared.stop.store(true, Ordering::SeqCst);
+                shared.stop();
                 return Err(e);
             }
             Err(_) => {
-                shared.stop.store(true, Ordering::SeqCst);
-                shared.notify.notify_one();
+                shared.stop();
                 return Err(EdgeError::HandshakeTimeout(config.handshake_timeout));
             }
         };
@@ -415,7 +437,7 @@ impl MuxHandle {
             );
             id
         };
-        self.shared.notify.notify_one();
+        self.shared.kick();
         let stream = MuxStream {
             shared: self.shared.clone(),
             _guard: self.guard.clone(),
@@ -440,7 +462,6 @@ impl MuxHandle {
         self.shared.lock().failed.clone()
     }
 
-    /// Stops the threads and the driver; open streams fail from now on.
     /// Stops the link once everything already sent on it has been handed to USB (at most
     /// `timeout`), then like [`MuxHandle::shutdown`]. Use it at the end of a session: a bare
     /// shutdown can drop the last message or a connection close still queued.
@@ -450,7 +471,7 @@ impl MuxHandle {
         }
         let mut rx = self.shared.flushed.subscribe();
         let start = rx.borrow_and_update().0;
-        self.shared.notify.notify_one();
+        self.shared.kick();
         let flushed = rx.wait_for(|&(pass, idle)| pass > start && idle);
         if tokio::time::timeout(timeout, flushed).await.is_err() {
             debug!(?timeout, "usbmux output not flushed before closing");
@@ -458,13 +479,13 @@ impl MuxHandle {
         self.shutdown();
     }
 
-    /// Stops the link at once; what is still queued is dropped.
+    /// Stops the threads at once; what is still queued is dropped and open streams fail from
+    /// now on.
     pub fn shutdown(&self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
         self.shared
             .lock()
             .fail("the host closed the usbmux link".into());
-        self.shared.notify.notify_one();
+        self.shared.stop();
     }
 }
 
@@ -516,13 +537,9 @@ impl Bulk {
     }
 }
 
-fn spawn_reader(
-    mut bulk: Bulk,
-    shared: &Arc<Shared>,
-    ep_in: u8,
-    poll: Duration,
-    tx: mpsc::UnboundedSender<FromUsb>,
-) {
+/// Feeds every bulk IN transfer to the mux on this thread: the device's ACKs open the window
+/// for the writer without a detour through another thread.
+fn spawn_reader(mut bulk: Bulk, shared: &Arc<Shared>, ep_in: u8, poll: Duration) {
     let shared = shared.clone();
     thread::Builder::new()
         .name("usbmux-rx".into())
@@ -530,13 +547,19 @@ fn spawn_reader(
             while !shared.stop.load(Ordering::SeqCst) {
                 match bulk.bulk_in(ep_in, poll) {
                     Ok(data) => {
-                        if tx.send(FromUsb::In(data)).is_err() {
+                        let mut core = shared.lock();
+                        let result = core.mux.on_usb_in(&data);
+                        core.dispatch_events(&shared.ready);
+                        drop(core);
+                        if let Err(e) = result {
+                            shared.fail(e.to_string());
                             return;
                         }
+                        shared.kick();
                     }
                     Err(TransportError::Timeout(_)) => {}
                     Err(e) => {
-                        let _ = tx.send(FromUsb::Gone(e.to_string()));
+                        shared.fail(e.to_string());
                         return;
                     }
                 }
@@ -546,106 +569,75 @@ fn spawn_reader(
         .expect("spawn usbmux reader thread");
 }
 
-fn spawn_writer(
-    mut bulk: Bulk,
-    ep_out: u8,
-    timeout: Duration,
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    tx: mpsc::UnboundedSender<FromUsb>,
-) {
-    thread::Builder::new()
+/// Pulls transfers from the mux and writes them, one at a time and in order; owns the mux's
+/// ACK timer while there is nothing to send.
+fn spawn_writer(mut bulk: Bulk, shared: &Arc<Shared>, ep_out: u8, timeout: Duration) {
+    let shared_for_thread = shared.clone();
+    let handle = thread::Builder::new()
         .name("usbmux-tx".into())
         .spawn(move || {
-            while let Ok(data) = rx.recv() {
-                let msg = match bulk.bulk_out(ep_out, &data, timeout) {
-                    Ok(n) if n == data.len() => FromUsb::Written,
-                    Ok(n) => FromUsb::Gone(format!(
-                        "the Mac accepted only {n} of {} bytes of a USB transfer",
-                        data.len()
-                    )),
-                    Err(e) => FromUsb::Gone(e.to_string()),
-                };
-                let fatal = matches!(msg, FromUsb::Gone(_));
-                if tx.send(msg).is_err() || fatal {
+            let shared = shared_for_thread;
+            let mut idle_passes = 0u64;
+            let mut publish_idle = |shared: &Shared| {
+                idle_passes += 1;
+                if shared.flushed.receiver_count() > 0 {
+                    shared.flushed.send_replace((idle_passes, true));
+                }
+            };
+            loop {
+                if shared.stop.load(Ordering::SeqCst) {
+                    publish_idle(&shared);
                     return;
                 }
+                let (packet, deadline) = {
+                    let mut core = shared.lock();
+                    if core.failed.is_some() {
+                        drop(core);
+                        publish_idle(&shared);
+                        return;
+                    }
+                    let now = Instant::now();
+                    core.mux.on_timer(now);
+                    let packet = core.mux.poll_transmit();
+                    core.dispatch_events(&shared.ready);
+                    let deadline = match packet {
+                        Some(_) => None,
+                        None => {
+                            // Published under the lock: whatever a stream sends after this
+                            // point is only flushed by a later idle pass.
+                            publish_idle(&shared);
+                            core.mux.poll_timeout(now)
+                        }
+                    };
+                    (packet, deadline)
+                };
+                let Some(data) = packet else {
+                    if !shared.kicked.swap(false, Ordering::AcqRel) {
+                        // Kicks unpark us; the timeout only bounds how late a stop is seen.
+                        let wait = deadline.map_or(Duration::from_millis(200), |d| {
+                            d.saturating_duration_since(Instant::now())
+                        });
+                        thread::park_timeout(wait);
+                    }
+                    continue;
+                };
+                let failure = match bulk.bulk_out(ep_out, &data, timeout) {
+                    Ok(n) if n == data.len() => continue,
+                    Ok(n) => format!(
+                        "the Mac accepted only {n} of {} bytes of a USB transfer",
+                        data.len()
+                    ),
+                    Err(e) => e.to_string(),
+                };
+                shared.fail(failure);
+                publish_idle(&shared);
+                return;
             }
         })
         // As for the reader.
         .expect("spawn usbmux writer thread");
-}
-
-async fn drive(
-    shared: Arc<Shared>,
-    mut usb: mpsc::UnboundedReceiver<FromUsb>,
-    out: std::sync::mpsc::Sender<Vec<u8>>,
-    queue_limit: usize,
-) {
-    let mut in_flight = 0usize;
-    let mut pass = 0u64;
-    loop {
-        let deadline = {
-            let mut core = shared.lock();
-            let mut drained = false;
-            // Move what the mux wants to send to the writer, up to the queue limit.
-            if core.failed.is_none() {
-                while in_flight < queue_limit {
-                    let Some(t) = core.mux.poll_transmit() else {
-                        drained = true;
-                        break;
-                    };
-                    if out.send(t).is_err() {
-                        core.fail("the USB writer stopped".into());
-                        break;
-                    }
-                    in_flight += 1;
-                }
-            }
-            core.dispatch_events(&shared.ready);
-            pass += 1;
-            let idle = core.failed.is_some() || (drained && in_flight == 0);
-            shared.flushed.send_replace((pass, idle));
-            core.mux.poll_timeout(Instant::now())
-        };
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let timer = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            msg = usb.recv() => {
-                let mut core = shared.lock();
-                let mut next = msg;
-                // Take everything already waiting in one go.
-                while let Some(m) = next {
-                    match m {
-                        FromUsb::In(data) => {
-                            if let Err(e) = core.mux.on_usb_in(&data) {
-                                core.fail(e.to_string());
-                            }
-                        }
-                        FromUsb::Written => in_flight = in_flight.saturating_sub(1),
-                        FromUsb::Gone(why) => core.fail(why),
-                    }
-                    next = usb.try_recv().ok();
-                }
-                if core.failed.is_some() {
-                    core.dispatch_events(&shared.ready);
-                    drop(core);
-                    shared.stop.store(true, Ordering::SeqCst);
-                    return;
-                }
-            }
-            _ = shared.notify.notified() => {}
-            _ = timer => {
-                shared.lock().mux.on_timer(Instant::now());
-            }
-        }
-    }
+    // Kicks before this only set the flag, which the writer checks before it ever sleeps.
+    let _ = shared.writer.set(handle.thread().clone());
 }
 
 /// One connection to a port on the Mac.
@@ -681,7 +673,7 @@ impl MuxStream {
             core.conns.remove(&self.id);
             let _ = core.mux.close(self.id);
         }
-        self.shared.notify.notify_one();
+        self.shared.kick();
     }
 }
 
@@ -717,7 +709,7 @@ impl AsyncRead for MuxStream {
                 buf.advance(n);
                 drop(core);
                 // Reading frees window: the driver may owe an ACK.
-                this.shared.notify.notify_one();
+                this.shared.kick();
                 Poll::Ready(Ok(()))
             }
             // usbmux has no FIN: the device ends a stream with a RST, which reads as EOF.
@@ -759,7 +751,7 @@ impl AsyncWrite for MuxStream {
             }
             Ok(n) => {
                 drop(core);
-                this.shared.notify.notify_one();
+                this.shared.kick();
                 Poll::Ready(Ok(n))
             }
             Err(ConnError::Reset { reason }) => Poll::Ready(Err(io::Error::new(

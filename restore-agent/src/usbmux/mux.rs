@@ -658,23 +658,13 @@ impl Mux {
             self.stats.zlps_out += 1;
             return Some(Vec::new());
         }
-        let queued = match self.queue.pop_front() {
-            Some(q) => q,
+        let packet = match self.queue.pop_front() {
+            Some(q) => {
+                let seq = self.next_seq(q.header, q.protocol);
+                MuxPacket::build(q.protocol, seq, &[&q.body])
+            }
             None => self.next_data_packet()?,
         };
-        let seq = match queued.header {
-            HeaderVersion::V1 => None,
-            HeaderVersion::V2 => {
-                if queued.protocol == Protocol::Setup {
-                    self.tx_seq = 0;
-                    self.rx_seq = 0xFFFF;
-                }
-                let seq = (self.tx_seq, self.rx_seq);
-                self.tx_seq = self.tx_seq.wrapping_add(1);
-                Some(seq)
-            }
-        };
-        let packet = MuxPacket::build(queued.protocol, seq, &[&queued.body]);
         let max_packet = match self.config.out_max_packet_size {
             0 => 64,
             n => n,
@@ -686,9 +676,27 @@ impl Mux {
         Some(packet)
     }
 
-    /// Builds one data packet from the next connection (round robin) that may send, and the
-    /// RST of a closing connection whose data is all out.
-    fn next_data_packet(&mut self) -> Option<Queued> {
+    /// The v2 sequence fields of the packet handed out now (none with the v1 layout).
+    fn next_seq(&mut self, header: HeaderVersion, protocol: Protocol) -> Option<(u16, u16)> {
+        match header {
+            HeaderVersion::V1 => None,
+            HeaderVersion::V2 => {
+                if protocol == Protocol::Setup {
+                    self.tx_seq = 0;
+                    self.rx_seq = 0xFFFF;
+                }
+                let seq = (self.tx_seq, self.rx_seq);
+                self.tx_seq = self.tx_seq.wrapping_add(1);
+                Some(seq)
+            }
+        }
+    }
+
+    /// Builds one data packet from the next connection (round robin) that may send, or the
+    /// RST of a closing connection whose data is all out. The payload is copied once, straight
+    /// from the connection's buffer into the transfer: at USB line rate every extra pass over
+    /// the image costs CPU the host could otherwise spend elsewhere.
+    fn next_data_packet(&mut self) -> Option<Vec<u8>> {
         let header = match self.phase {
             Phase::Active { header, .. } => header,
             _ => return None,
@@ -718,20 +726,33 @@ impl Mux {
         }
         let id = chosen?;
         self.rr_after = Some(id);
+        let seq = self.next_seq(header, Protocol::Tcp);
         let conn = self.conns.get_mut(&id)?;
         let n = conn.sendable();
         if n == 0 {
             // A closing connection with everything sent: finish it.
             let rst = conn.header(tcp_flags::RST, window_field);
             self.forget(id);
-            return Some(tcp_queued(header, rst, &[]));
+            return Some(MuxPacket::build(Protocol::Tcp, seq, &[&rst.to_bytes()]));
         }
         let th = conn.header(tcp_flags::ACK, window_field);
-        let data: Vec<u8> = conn.outbound.drain(..n).collect();
         // n ≤ 49 116, so the cast is lossless.
         conn.tx_seq = conn.tx_seq.wrapping_add(n as u32);
+        let (front, back) = conn.outbound.as_slices();
+        let from_front = n.min(front.len());
+        let packet = MuxPacket::build(
+            Protocol::Tcp,
+            seq,
+            &[
+                &th.to_bytes(),
+                &front[..from_front],
+                &back[..n - from_front],
+            ],
+        );
+        // Dropping a drain from the front only moves the ring's head.
+        conn.outbound.drain(..n);
         trace!(%id, seq = th.seq, ack = th.ack, len = n, "[OUT] data");
-        Some(tcp_queued(header, th, &data))
+        Some(packet)
     }
 
     fn queue_tcp(&mut self, th: TcpHeader, data: &[u8]) {
