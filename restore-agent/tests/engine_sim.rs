@@ -55,6 +55,7 @@ struct Env {
     tss: Arc<TssService>,
     tss_server: Server,
     board: Board,
+    os_size: u64,
 }
 
 /// The fixture manifests are software-update (preflight) manifests with one bootable identity;
@@ -134,6 +135,10 @@ fn add_bootability_bundle(ipsw: &std::path::Path) {
 const IPSW_NAME: &str = "UniversalMac_26.2_25C56_Restore.ipsw";
 
 fn env(tag: &str) -> Env {
+    env_with(tag, OS_SIZE)
+}
+
+fn env_with(tag: &str, os_size: u64) -> Env {
     let _ = shared();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -143,7 +148,7 @@ fn env(tag: &str) -> Env {
     let dir = TempDir::new(tag);
     let ipsw = dir.0.join(IPSW_NAME);
     let mut opts = IpswOptions::new(BOARD);
-    opts.os_size = OS_SIZE;
+    opts.os_size = os_size;
     opts.manifest = Some(full_manifest(&dir.0, None));
     let summary = make_ipsw(&opts, &ipsw).unwrap();
     add_bootability_bundle(&ipsw);
@@ -172,6 +177,7 @@ fn env(tag: &str) -> Env {
         tss,
         tss_server,
         board: Board::load(BOARD).unwrap(),
+        os_size,
     }
 }
 
@@ -224,6 +230,7 @@ impl Env {
             pin,
             timeouts: fast_timeouts(),
             allow_recovery_start: false,
+            ..EngineConfig::default()
         }
     }
 
@@ -240,7 +247,7 @@ impl Env {
             &format!("{}/", self.tss_server.url()),
         );
         let mut s = Scenario::parse(&text, &path).unwrap();
-        s.image.size = OS_SIZE;
+        s.image.size = self.os_size;
         s.image.seed = None;
         s.image.sha1 = None;
         s.image.path = Some(self.os_image.clone());
@@ -751,4 +758,135 @@ fn a_usb_drop_in_stage_2_is_a_named_failure_and_never_asks_to_erase() {
     assert!(stages(&events).contains(&Stage::Stage1));
     assert!(!stages(&events).contains(&Stage::RestoreMode));
     assert!(confirm.asked.lock().unwrap().is_empty());
+}
+
+/// An empty cache and a slow CDN: the engine downloads the IPSW into the cache while it
+/// restores from the partial file. DFU starts before the download is complete, every byte
+/// crosses the network once, and the restore ends only after the SHA-1 check.
+/// Returns the report, whether the download was complete when DFU started, the cached file's
+/// length, the IPSW's size and the body bytes the CDN sent.
+fn restore_while_downloading(tag: &str, sha1_ok: bool) -> (MacReport, bool, Option<u64>, u64, u64) {
+    use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
+    use sha1::Digest;
+    // 12 MiB at 1 MiB/s per connection on 2 (+1 for the restore's reads) connections: the
+    // download takes seconds, the boot chain needs a few hundred KiB of it.
+    let env = env_with(tag, 12 << 20);
+    let size = std::fs::metadata(&env.ipsw).unwrap().len();
+    let mut sha1 = sha1::Sha1::digest(std::fs::read(&env.ipsw).unwrap()).to_vec();
+    if !sha1_ok {
+        sha1[0] ^= 1;
+    }
+    let cdn = env
+        .rt
+        .block_on(Cdn::start(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            CdnConfig {
+                files: vec![CdnFile {
+                    name: IPSW_NAME.into(),
+                    source: Source::Path(env.ipsw.clone()),
+                }],
+                rate: Some(1 << 20),
+                faults: vec![],
+            },
+        ))
+        .unwrap();
+    let catalog = CatalogService::from_builds(vec![CatalogBuild {
+        product_type: "Macmini9,1".into(),
+        version: "26.2".into(),
+        build: "25C56".into(),
+        url: cdn.url(IPSW_NAME),
+        sha1: Some(hex::encode(&sha1)),
+    }]);
+    let server = env
+        .rt
+        .block_on(catalog.start("127.0.0.1:0".parse().unwrap(), None))
+        .unwrap();
+    let cache = env.dir.0.join("cache");
+    let mut cfg = env.config(BuildPin::Latest);
+    cfg.cache_dir = Some(cache.clone());
+    cfg.download.connections = 2;
+    cfg.download.chunk_size = 1 << 20;
+    cfg.download.read_ahead = 1 << 20;
+    cfg.catalog = CatalogFetchConfig {
+        catalog_url: sim_catalog::mesu_url(&server),
+        fallback_url: None,
+        timeout: Duration::from_secs(5),
+        http: http(),
+    };
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let device = find_mac(&usb);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let finished = cache.join(IPSW_NAME);
+    let (report, complete_at_dfu) = env.rt.block_on(async {
+        let job = tokio::spawn(restore_mac(
+            Arc::new(cfg),
+            usb.clone(),
+            device,
+            never_asked(),
+            tx,
+        ));
+        let mut complete_at_dfu = None;
+        while let Some(e) = rx.recv().await {
+            if e == (EngineEvent::Stage { stage: Stage::Dfu }) && complete_at_dfu.is_none() {
+                complete_at_dfu = Some(finished.exists());
+            }
+        }
+        let report = tokio::time::timeout(Duration::from_secs(120), job)
+            .await
+            .expect("the engine finishes in time")
+            .unwrap();
+        (report, complete_at_dfu.expect("DFU started"))
+    });
+    let body = cdn.totals().body_bytes;
+    let _ = boots.lock().unwrap()[0].wait(Duration::from_secs(5));
+    let cached = std::fs::metadata(&finished).ok().map(|m| m.len());
+    (report, complete_at_dfu, cached, size, body)
+}
+
+#[test]
+fn an_empty_cache_downloads_while_the_mac_is_restored() {
+    let (report, complete_at_dfu, cached, size, body) = restore_while_downloading("overlap", true);
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    assert!(
+        !complete_at_dfu,
+        "DFU started only after the whole IPSW was downloaded"
+    );
+    assert_eq!(cached, Some(size));
+    assert!(
+        report
+            .firmware_download
+            .as_deref()
+            .unwrap_or("")
+            .contains("matched the catalog's SHA-1"),
+        "{}",
+        report.to_json_line()
+    );
+    // The catalog's look at the candidate (remote ranges in 1 MiB blocks) reads the ZIP
+    // directory and the manifest once more; nothing of the bulk is fetched twice.
+    assert!(
+        body >= size && body < size + (4 << 20),
+        "{body} bytes crossed the network for a {size}-byte IPSW"
+    );
+}
+
+#[test]
+fn a_download_that_fails_its_sha1_after_the_restore_used_it_fails_the_restore() {
+    let (report, _, cached, _, _) = restore_while_downloading("overlap-corrupt", false);
+    assert!(!report.succeeded(), "{}", report.to_json_line());
+    let failure = report.failure.as_ref().unwrap();
+    assert!(
+        failure.cause.contains("failed its SHA-1 check afterwards"),
+        "{}",
+        failure.cause
+    );
+    assert!(failure.next_step.contains("downloaded afresh"));
+    assert_eq!(cached, None, "the corrupt copy was deleted");
 }

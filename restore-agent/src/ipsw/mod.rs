@@ -1,10 +1,12 @@
 //! A macOS restore image (IPSW): a ZIP archive (protocol.md §9.5, §9.7) read through a
 //! [`RandomAccess`] source, so the same code serves a local file and, later, a remote one.
 
+mod partial;
 mod random_access;
 pub mod remote;
 pub mod zip;
 
+pub use partial::{Arrivals, PartialFile};
 pub use random_access::{LocalFile, RandomAccess};
 pub use remote::{RemoteConfig, RemoteError, RemoteFile, RemoteStats};
 pub use zip::{EntryReader, Method, StoredEntry, ZipArchive, ZipEntry, ZipError};
