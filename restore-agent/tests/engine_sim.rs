@@ -5,7 +5,7 @@
 //! Also: revive fails with a disk error → the confirmer is asked → erase only when confirmed;
 //! TSS 94 and a Mac in Recovery are named failures.
 
-mod support;
+pub(crate) mod support;
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -46,16 +46,16 @@ fn scenarios_dir() -> PathBuf {
     ))
 }
 
-struct Env {
-    rt: tokio::runtime::Runtime,
-    dir: TempDir,
-    ipsw: PathBuf,
+pub(crate) struct Env {
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) dir: TempDir,
+    pub(crate) ipsw: PathBuf,
     /// The OS image as the Mac must receive it.
-    os_image: PathBuf,
-    tss: Arc<TssService>,
-    tss_server: Server,
-    board: Board,
-    os_size: u64,
+    pub(crate) os_image: PathBuf,
+    pub(crate) tss: Arc<TssService>,
+    pub(crate) tss_server: Server,
+    pub(crate) board: Board,
+    pub(crate) os_size: u64,
 }
 
 /// The fixture manifests are software-update (preflight) manifests with one bootable identity;
@@ -132,13 +132,13 @@ fn add_bootability_bundle(ipsw: &std::path::Path) {
     w.finish().unwrap();
 }
 
-const IPSW_NAME: &str = "UniversalMac_26.2_25C56_Restore.ipsw";
+pub(crate) const IPSW_NAME: &str = "UniversalMac_26.2_25C56_Restore.ipsw";
 
-fn env(tag: &str) -> Env {
+pub(crate) fn env(tag: &str) -> Env {
     env_with(tag, OS_SIZE)
 }
 
-fn env_with(tag: &str, os_size: u64) -> Env {
+pub(crate) fn env_with(tag: &str, os_size: u64) -> Env {
     let _ = shared();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -181,7 +181,7 @@ fn env_with(tag: &str, os_size: u64) -> Env {
     }
 }
 
-fn fast_timeouts() -> Timeouts {
+pub(crate) fn fast_timeouts() -> Timeouts {
     let b = restore_agent::bootchain::Timeouts {
         discovery: Duration::from_secs(5),
         ibss_disconnect: Duration::from_secs(5),
@@ -207,7 +207,7 @@ fn fast_timeouts() -> Timeouts {
     }
 }
 
-fn http() -> HttpConfig {
+pub(crate) fn http() -> HttpConfig {
     HttpConfig {
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(10),
@@ -216,7 +216,7 @@ fn http() -> HttpConfig {
 }
 
 impl Env {
-    fn config(&self, pin: BuildPin) -> EngineConfig {
+    pub(crate) fn config(&self, pin: BuildPin) -> EngineConfig {
         EngineConfig {
             cache_dir: None,
             catalog: CatalogFetchConfig::default(),
@@ -240,7 +240,7 @@ impl Env {
 
     /// A shipped scenario adapted to this test: the image is the IPSW's OS entry, device
     /// requests for URLs go to a local server, and `end` replaces the final status.
-    fn scenario(&self, name: &str, end: Option<Step>) -> Scenario {
+    pub(crate) fn scenario(&self, name: &str, end: Option<Step>) -> Scenario {
         let path = scenarios_dir().join(format!("{name}.toml"));
         let text = std::fs::read_to_string(&path).unwrap().replace(
             "http://gs.apple.com/",
@@ -271,7 +271,7 @@ impl Env {
 
 /// A Mac whose successive boots into restore mode play `scenarios` in order; handles of every
 /// boot are kept.
-fn mac(
+pub(crate) fn mac(
     env: &Env,
     start: StartMode,
     scenarios: Vec<Scenario>,
@@ -280,7 +280,7 @@ fn mac(
     mac_with(env, start, Faults::default(), scenarios, boots)
 }
 
-fn mac_with(
+pub(crate) fn mac_with(
     env: &Env,
     start: StartMode,
     faults: Faults,
@@ -306,12 +306,12 @@ fn mac_with(
     ))
 }
 
-fn find_mac(usb: &SimUsb) -> DeviceInfo {
+pub(crate) fn find_mac(usb: &SimUsb) -> DeviceInfo {
     usb.devices().unwrap().into_iter().next().unwrap()
 }
 
 /// What the confirmer saw and answers.
-struct TestConfirmer {
+pub(crate) struct TestConfirmer {
     answer: EraseDecision,
     asked: Mutex<Vec<(u64, String, String)>>,
     /// Plugged in when the erase is confirmed: the technician puts the Mac back in DFU.
@@ -377,7 +377,7 @@ fn stages(events: &[EngineEvent]) -> Vec<Stage> {
     v
 }
 
-fn never_asked() -> Arc<TestConfirmer> {
+pub(crate) fn never_asked() -> Arc<TestConfirmer> {
     confirmer(EraseDecision::Refused { how: "test".into() })
 }
 
