@@ -890,3 +890,150 @@ fn a_download_that_fails_its_sha1_after_the_restore_used_it_fails_the_restore() 
     assert!(failure.next_step.contains("downloaded afresh"));
     assert_eq!(cached, None, "the corrupt copy was deleted");
 }
+
+/// The station's production job: the engine (as `restore-agent station` runs it).
+struct EngineJob(Arc<EngineConfig>);
+
+impl restore_agent::station::MacJob for EngineJob {
+    fn start(
+        &self,
+        bus: Arc<dyn UsbBus>,
+        device: DeviceInfo,
+        confirmer: Arc<dyn EraseConfirmer>,
+        events: tokio::sync::mpsc::UnboundedSender<EngineEvent>,
+    ) -> restore_agent::station::JobFuture {
+        let cfg = Arc::clone(&self.0);
+        Box::pin(async move {
+            let report = restore_mac(cfg, bus, device, confirmer, events).await;
+            serde_json::to_value(&report).unwrap()
+        })
+    }
+}
+
+/// The cable is pulled during `stage` (mac-sim's fault knobs drop the Mac off the bus there),
+/// then the Mac is plugged in again in DFU: the station names the first failure and restores
+/// the Mac on its second appearance. Returns the stage the first run failed in.
+///
+/// Not covered: a pull in the middle of the ASR stream (mac-sim's byte-limit knob counts only
+/// DFU and iBoot transfers, not restore-mode usbmux traffic).
+fn unplugged_then_replugged(tag: &str, os_size: u64, faults: Faults) -> String {
+    use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
+    let env = env_with(tag, os_size);
+    let data = env.dir.0.join("station");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac_with(
+        &env,
+        StartMode::Dfu,
+        faults,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let station = Station::new(
+        StationConfig {
+            display: Display::Lines,
+            probe_ecid: false,
+            exit_after: Some(2),
+            data_dir: Some(data.clone()),
+            ..StationConfig::default()
+        },
+        usb.clone(),
+        Arc::new(EngineJob(Arc::new(env.config(env.ipsw_pin())))),
+        Arc::new(restore_agent::engine::NeverErase),
+        Arc::new(NoNetwork),
+        Box::new(std::io::sink()),
+    );
+    let summary = env.rt.block_on(async {
+        let run = tokio::spawn(station.run(std::future::pending()));
+        // The technician sees the station report the Mac lost and plugs it back in (in DFU).
+        let reports = data.join("reports");
+        let t = std::time::Instant::now();
+        while std::fs::read_dir(&reports).map_or(0, |d| d.count()) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no report of the first run"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        usb.plug(Box::new(mac(
+            &env,
+            StartMode::Dfu,
+            vec![env.scenario("mac-revive", None)],
+            boots.clone(),
+        )));
+        tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("the station finishes both runs")
+            .unwrap()
+            .unwrap()
+    });
+    let reports = &summary.report_values;
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let engine: Vec<_> = reports.iter().map(|r| &r["engine"]).collect();
+    let failed: Vec<_> = engine.iter().filter(|r| r["result"] == "failed").collect();
+    let succeeded: Vec<_> = engine
+        .iter()
+        .filter(|r| r["result"] == "succeeded")
+        .collect();
+    assert_eq!((failed.len(), succeeded.len()), (1, 1), "{reports:?}");
+    assert_eq!(succeeded[0]["ecid"], "0011223344556677");
+    assert_eq!(
+        failed[0]["failure"]["erase_could_fix"], false,
+        "{reports:?}"
+    );
+    let last = boots
+        .lock()
+        .unwrap()
+        .last()
+        .map(|b| b.wait(Duration::from_secs(5)));
+    assert_eq!(last, Some(SimOutcome::Succeeded));
+    let stages = failed[0]["stages"].as_array().unwrap();
+    stages.last().unwrap()["stage"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn drop_at(stage: mac_sim::faults::Stage) -> Faults {
+    Faults {
+        disconnect_at: Some(stage),
+        ..Faults::default()
+    }
+}
+
+#[test]
+fn unplugged_in_dfu_the_mac_is_picked_up_again_and_finished() {
+    let failed_in =
+        unplugged_then_replugged("unplug-dfu", OS_SIZE, drop_at(mac_sim::faults::Stage::Dfu));
+    assert_eq!(failed_in, "Dfu");
+}
+
+#[test]
+fn unplugged_in_stage1_the_mac_is_picked_up_again_and_finished() {
+    let s = unplugged_then_replugged(
+        "unplug-s1",
+        OS_SIZE,
+        drop_at(mac_sim::faults::Stage::Stage1),
+    );
+    assert_eq!(s, "Stage1");
+}
+
+#[test]
+fn unplugged_in_stage2_the_mac_is_picked_up_again_and_finished() {
+    let s = unplugged_then_replugged(
+        "unplug-s2",
+        OS_SIZE,
+        drop_at(mac_sim::faults::Stage::Stage2),
+    );
+    assert_eq!(s, "Stage2");
+}
+
+#[test]
+fn unplugged_after_bootx_the_mac_is_picked_up_again_and_finished() {
+    let s = unplugged_then_replugged(
+        "unplug-bootx",
+        OS_SIZE,
+        drop_at(mac_sim::faults::Stage::AfterBootx),
+    );
+    assert!(s == "Stage2" || s == "RestoreMode", "{s}");
+}
