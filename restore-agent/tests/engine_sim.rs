@@ -287,12 +287,23 @@ pub(crate) fn mac_with(
     scenarios: Vec<Scenario>,
     boots: Arc<Mutex<Vec<RestoreHandle>>>,
 ) -> SimMac {
+    mac_unit(env, ECID, start, faults, scenarios, boots)
+}
+
+pub(crate) fn mac_unit(
+    env: &Env,
+    ecid: u64,
+    start: StartMode,
+    faults: Faults,
+    scenarios: Vec<Scenario>,
+    boots: Arc<Mutex<Vec<RestoreHandle>>>,
+) -> SimMac {
     let mut queue = scenarios.into_iter();
     let cfg = SimRestoreConfig {
         timeout: Duration::from_secs(10),
         ..SimRestoreConfig::default()
     };
-    SimMac::new(env.board.clone(), ECID, start, faults, Timing::fast()).with_restore(Box::new(
+    SimMac::new(env.board.clone(), ecid, start, faults, Timing::fast()).with_restore(Box::new(
         move |board, id| {
             let scenario = queue.next().expect("no more restore boots expected");
             let os = RestoreOs::start(
@@ -1036,4 +1047,91 @@ fn unplugged_after_bootx_the_mac_is_picked_up_again_and_finished() {
         drop_at(mac_sim::faults::Stage::AfterBootx),
     );
     assert!(s == "Stage2" || s == "RestoreMode", "{s}");
+}
+
+/// `n` Macs on one station with an empty cache and a slow CDN: every Mac is restored and the
+/// IPSW crosses the network once (one download, read by all of them while it runs).
+fn macs_share_one_download(n: u64) {
+    use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
+    use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
+    let env = env_with(&format!("share-{n}"), 8 << 20);
+    let size = std::fs::metadata(&env.ipsw).unwrap().len();
+    let cdn = env
+        .rt
+        .block_on(Cdn::start(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            CdnConfig {
+                files: vec![CdnFile {
+                    name: IPSW_NAME.into(),
+                    source: Source::Path(env.ipsw.clone()),
+                }],
+                rate: Some(2 << 20),
+                faults: vec![],
+            },
+        ))
+        .unwrap();
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..n {
+        usb.plug(Box::new(mac_unit(
+            &env,
+            ECID + i,
+            StartMode::Dfu,
+            Faults::default(),
+            vec![env.scenario("mac-revive", None)],
+            boots.clone(),
+        )));
+    }
+    let mut cfg = env.config(BuildPin::Ipsw(PathOrUrl::Url(cdn.url(IPSW_NAME))));
+    cfg.cache_dir = Some(env.dir.0.join("cache"));
+    cfg.download.connections = 2;
+    cfg.download.chunk_size = 1 << 20;
+    cfg.download.read_ahead = 1 << 20;
+    let station = Station::new(
+        StationConfig {
+            display: Display::Lines,
+            probe_ecid: false,
+            exit_after: Some(n as u32),
+            ..StationConfig::default()
+        },
+        usb.clone(),
+        Arc::new(EngineJob(Arc::new(cfg))),
+        Arc::new(restore_agent::engine::NeverErase),
+        Arc::new(NoNetwork),
+        Box::new(std::io::sink()),
+    );
+    let summary = env.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(180), station.run(std::future::pending()))
+            .await
+            .expect("the station finishes every Mac")
+            .unwrap()
+    });
+    let ecids: std::collections::BTreeSet<String> = summary
+        .report_values
+        .iter()
+        .filter(|r| r["engine"]["result"] == "succeeded")
+        .map(|r| r["engine"]["ecid"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ecids.len() as u64, n, "{:?}", summary.report_values);
+    for b in boots.lock().unwrap().iter() {
+        assert_eq!(b.wait(Duration::from_secs(5)), SimOutcome::Succeeded);
+    }
+    let body = cdn.totals().body_bytes;
+    // Racing a slow part near the end may fetch up to a part twice; a second download would
+    // double the total.
+    assert!(
+        body >= size && body <= size + (2 << 20),
+        "{body} bytes crossed the network for {n} Macs and a {size}-byte IPSW"
+    );
+}
+
+#[test]
+fn two_macs_at_once_share_one_download() {
+    macs_share_one_download(2);
+}
+
+#[test]
+fn four_macs_at_once_share_one_download() {
+    macs_share_one_download(4);
 }
