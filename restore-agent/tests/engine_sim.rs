@@ -1102,10 +1102,13 @@ fn macs_share_one_download(n: u64) {
         Box::new(std::io::sink()),
     );
     let summary = env.rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(180), station.run(std::future::pending()))
-            .await
-            .expect("the station finishes every Mac")
-            .unwrap()
+        tokio::time::timeout(
+            Duration::from_secs(180),
+            station.run(std::future::pending()),
+        )
+        .await
+        .expect("the station finishes every Mac")
+        .unwrap()
     });
     let ecids: std::collections::BTreeSet<String> = summary
         .report_values
@@ -1134,4 +1137,113 @@ fn two_macs_at_once_share_one_download() {
 #[test]
 fn four_macs_at_once_share_one_download() {
     macs_share_one_download(4);
+}
+
+/// The station stops (power cut, crash) halfway through the download the restore reads from;
+/// the next start resumes the download from its record instead of fetching it again, and
+/// restores the Mac.
+#[test]
+fn a_restarted_station_resumes_the_half_done_download() {
+    use mac_sim::services::cdn::{bytes_served_twice, Cdn, CdnConfig, CdnFile, Source};
+    let env = env_with("resume", 8 << 20);
+    let size = std::fs::metadata(&env.ipsw).unwrap().len();
+    let cdn = env
+        .rt
+        .block_on(Cdn::start(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            CdnConfig {
+                files: vec![CdnFile {
+                    name: IPSW_NAME.into(),
+                    source: Source::Path(env.ipsw.clone()),
+                }],
+                rate: Some(1 << 20),
+                faults: vec![],
+            },
+        ))
+        .unwrap();
+    let cache = env.dir.0.join("cache");
+    let config = || {
+        let mut cfg = env.config(BuildPin::Ipsw(PathOrUrl::Url(cdn.url(IPSW_NAME))));
+        cfg.cache_dir = Some(cache.clone());
+        cfg.download.connections = 2;
+        cfg.download.chunk_size = 1 << 20;
+        cfg.download.read_ahead = 1 << 20;
+        cfg.download.save_every = Duration::from_millis(20);
+        Arc::new(cfg)
+    };
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+
+    // First start: stopped once half the file has arrived.
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    first.spawn(restore_mac(
+        config(),
+        usb.clone(),
+        find_mac(&usb),
+        never_asked(),
+        tx,
+    ));
+    let t = std::time::Instant::now();
+    while cdn.totals().body_bytes < size / 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the download never got going"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    first.shutdown_timeout(Duration::from_secs(1));
+    assert!(
+        !cache.join(IPSW_NAME).exists(),
+        "stopped before the download ended"
+    );
+
+    // Second start with a Mac in DFU (another unit: the first is left where it stopped).
+    let port = usb.plug(Box::new(mac_unit(
+        &env,
+        ECID + 1,
+        StartMode::Dfu,
+        Faults::default(),
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let device = usb
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.location.ports == vec![port as u8])
+        .unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let report = env.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            restore_mac(config(), usb.clone(), device, never_asked(), tx),
+        )
+        .await
+        .expect("the second start finishes")
+    });
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    assert_eq!(
+        std::fs::metadata(cache.join(IPSW_NAME)).unwrap().len(),
+        size
+    );
+    // What was on disk and recorded is never fetched again; only parts in flight at the stop
+    // (at most one 1 MiB part per connection, three connections) may be.
+    let twice = bytes_served_twice(&cdn.served(IPSW_NAME));
+    assert!(
+        twice <= 3 << 20,
+        "{twice} bytes were fetched twice (IPSW {size} bytes)"
+    );
+    assert!(cdn.totals().body_bytes < size + (3 << 20));
 }

@@ -38,6 +38,8 @@ pub struct DownloadTuning {
     pub chunk_size: u64,
     /// How much past a missing read is requested at once.
     pub read_ahead: u64,
+    /// How often the resume record is written: what a crash or power cut can cost at most.
+    pub save_every: std::time::Duration,
 }
 
 impl Default for DownloadTuning {
@@ -46,6 +48,7 @@ impl Default for DownloadTuning {
             connections: 8,
             chunk_size: 8 << 20,
             read_ahead: 8 << 20,
+            save_every: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -82,9 +85,12 @@ impl DownloadHub {
         o.sha1 = sha1;
         o.connections = tuning.connections.max(1);
         o.chunk_size = Some(tuning.chunk_size.max(64 << 10));
+        o.save_every = tuning.save_every;
         let live = Arc::new(Live::new());
         let downloader = Downloader::new(http, o)?.with_live(Arc::clone(&live));
+        let guard = EndOnDrop(Arc::clone(&live));
         tokio::spawn(async move {
+            let _guard = guard;
             match downloader.run().await {
                 Ok(d) => info!("{} is complete ({} bytes)", d.path.display(), d.size),
                 Err(e) => warn!("the firmware download stopped: {e}"),
@@ -92,6 +98,18 @@ impl DownloadHub {
         });
         active.insert(key, Arc::clone(&live));
         Ok(live)
+    }
+}
+
+/// Readers of a download whose task was dropped (runtime shut down) or panicked must not wait
+/// forever; after a normal end this does nothing (the first end stands).
+struct EndOnDrop(Arc<Live>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end(LiveEnd::Failed {
+            message: "the download task stopped".into(),
+        });
     }
 }
 
