@@ -139,6 +139,12 @@ pub(crate) fn env(tag: &str) -> Env {
 }
 
 pub(crate) fn env_with(tag: &str, os_size: u64) -> Env {
+    env_opts(tag, os_size, false)
+}
+
+/// `sparse`: the OS image is mostly holes (mac-sim's sparse layout), so a multi-GiB IPSW and
+/// the expected image cost a few MiB of disk.
+pub(crate) fn env_opts(tag: &str, os_size: u64, sparse: bool) -> Env {
     let _ = shared();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -149,12 +155,24 @@ pub(crate) fn env_with(tag: &str, os_size: u64) -> Env {
     let ipsw = dir.0.join(IPSW_NAME);
     let mut opts = IpswOptions::new(BOARD);
     opts.os_size = os_size;
+    opts.sparse_os = sparse;
     opts.manifest = Some(full_manifest(&dir.0, None));
     let summary = make_ipsw(&opts, &ipsw).unwrap();
     add_bootability_bundle(&ipsw);
     // The image the simulated ASR sink compares against: the IPSW's own OS entry.
     let os_image = dir.0.join("os.dmg");
-    {
+    if sparse {
+        use mac_sim::ipsw::{os_fill, SPARSE_HEAD, SPARSE_PERIOD};
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&os_image).unwrap();
+        f.set_len(os_size).unwrap();
+        let mut buf = vec![0u8; SPARSE_HEAD as usize];
+        for off in (0..os_size).step_by(SPARSE_PERIOD as usize) {
+            let n = SPARSE_HEAD.min(os_size - off) as usize;
+            os_fill(off, &mut buf[..n], true);
+            f.write_all_at(&buf[..n], off).unwrap();
+        }
+    } else {
         let mut zip = zip::ZipArchive::new(std::fs::File::open(&ipsw).unwrap()).unwrap();
         let mut data = Vec::new();
         zip.by_name(&summary.os_paths[0])
