@@ -797,9 +797,9 @@ fn a_usb_drop_in_stage_2_is_a_named_failure_and_never_asks_to_erase() {
 fn restore_while_downloading(tag: &str, sha1_ok: bool) -> (MacReport, bool, Option<u64>, u64, u64) {
     use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
     use sha1::Digest;
-    // 12 MiB at 1 MiB/s per connection on 2 (+1 for the restore's reads) connections: the
-    // download takes seconds, the boot chain needs a few hundred KiB of it.
-    let env = env_with(tag, 12 << 20);
+    // 20 MiB at 1 MiB/s per connection on 2 (+1 for the restore's reads) connections: the
+    // download takes about 7 s, the boot chain needs about 1 MiB of it (about 1 s).
+    let env = env_with(tag, 20 << 20);
     let size = std::fs::metadata(&env.ipsw).unwrap().len();
     let mut sha1 = sha1::Sha1::digest(std::fs::read(&env.ipsw).unwrap()).to_vec();
     if !sha1_ok {

@@ -75,8 +75,16 @@ impl DownloadHub {
         let mut active = lock(&self.active);
         if let Some(live) = active.get(&key) {
             // A failed or corrupt download is not joined: this Mac starts it again (resuming
-            // what is on disk, or from scratch after a SHA-1 mismatch deleted it).
-            if matches!(live.outcome(), None | Some(LiveEnd::Complete { .. })) {
+            // what is on disk, or from scratch after a SHA-1 mismatch deleted it). Another
+            // process downloading the same file holds the cache lock: this one's readers then
+            // wait until that download is complete.
+            let usable = match live.outcome() {
+                None => true,
+                // Deleted from the cache since: fetch it again.
+                Some(LiveEnd::Complete { path, .. }) => path.is_file(),
+                Some(_) => false,
+            };
+            if usable {
                 info!("joining the running download of {name}");
                 return Ok(Arc::clone(live));
             }
