@@ -105,31 +105,20 @@ fn full_manifest(dir: &std::path::Path, newer: Option<&str>) -> PathBuf {
     out
 }
 
-/// A full IPSW carries the BootabilityBundle restored asks for (§7.7); make_ipsw does not.
-fn add_bootability_bundle(ipsw: &std::path::Path) {
-    use std::io::Write;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(ipsw)
-        .unwrap();
-    let mut w = zip::ZipWriter::new_append(file).unwrap();
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (name, data) in [
+/// A full IPSW carries the BootabilityBundle restored asks for (§7.7); make_ipsw adds it as
+/// extra entries (appending with the `zip` crate would drop the ZIP64 fields of a > 4 GiB OS
+/// image).
+fn bootability_bundle() -> Vec<(String, Vec<u8>)> {
+    vec![
         (
-            "BootabilityBundle/Restore/Bootability/Bootability.dmg",
-            &[0xB0u8; 3000][..],
+            "BootabilityBundle/Restore/Bootability/Bootability.dmg".into(),
+            vec![0xB0u8; 3000],
         ),
         (
-            "BootabilityBundle/Restore/Firmware/Bootability.dmg.trustcache",
-            b"trustcache",
+            "BootabilityBundle/Restore/Firmware/Bootability.dmg.trustcache".into(),
+            b"trustcache".to_vec(),
         ),
-    ] {
-        w.start_file(name, stored).unwrap();
-        w.write_all(data).unwrap();
-    }
-    w.finish().unwrap();
+    ]
 }
 
 pub(crate) const IPSW_NAME: &str = "UniversalMac_26.2_25C56_Restore.ipsw";
@@ -156,9 +145,9 @@ pub(crate) fn env_opts(tag: &str, os_size: u64, sparse: bool) -> Env {
     let mut opts = IpswOptions::new(BOARD);
     opts.os_size = os_size;
     opts.sparse_os = sparse;
+    opts.extra_entries = bootability_bundle();
     opts.manifest = Some(full_manifest(&dir.0, None));
     let summary = make_ipsw(&opts, &ipsw).unwrap();
-    add_bootability_bundle(&ipsw);
     // The image the simulated ASR sink compares against: the IPSW's own OS entry.
     let os_image = dir.0.join("os.dmg");
     if sparse {
