@@ -1095,6 +1095,8 @@ fn macs_share_one_download(n: u64) {
     cfg.download.connections = 2;
     cfg.download.chunk_size = 1 << 20;
     cfg.download.read_ahead = 1 << 20;
+    // A serial console's view: plain lines.
+    let screen = Screen::default();
     let station = Station::new(
         StationConfig {
             display: Display::Lines,
@@ -1106,7 +1108,7 @@ fn macs_share_one_download(n: u64) {
         Arc::new(EngineJob(Arc::new(cfg))),
         Arc::new(restore_agent::engine::NeverErase),
         Arc::new(NoNetwork),
-        Box::new(std::io::sink()),
+        Box::new(screen.clone()),
     );
     let summary = env.rt.block_on(async {
         tokio::time::timeout(
@@ -1126,6 +1128,15 @@ fn macs_share_one_download(n: u64) {
     assert_eq!(ecids.len() as u64, n, "{:?}", summary.report_values);
     for b in boots.lock().unwrap().iter() {
         assert_eq!(b.wait(Duration::from_secs(5)), SimOutcome::Succeeded);
+    }
+    let lines = String::from_utf8(screen.0.lock().unwrap().clone()).unwrap();
+    assert!(!lines.contains('\x1b'), "escape codes on a serial console");
+    for i in 0..n {
+        let ecid = format!("0x{:016X}", ECID + i);
+        assert!(
+            lines.lines().any(|l| l.contains(&ecid)),
+            "{ecid} never shown:\n{lines}"
+        );
     }
     let body = cdn.totals().body_bytes;
     // Racing a slow part near the end may fetch up to a part twice; a second download would
@@ -1253,4 +1264,128 @@ fn a_restarted_station_resumes_the_half_done_download() {
         "{twice} bytes were fetched twice (IPSW {size} bytes)"
     );
     assert!(cdn.totals().body_bytes < size + (3 << 20));
+}
+
+/// A `Write` the test reads back.
+#[derive(Clone, Default)]
+struct Screen(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Screen {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The terminal dashboard of a station restoring two simulated Macs with the real engine, as a
+/// person sees it: a frame with both Macs at work and the final one are shown in a real
+/// terminal (tmux) and read back from its screen.
+#[test]
+fn the_dashboard_of_real_restores_shows_in_a_terminal() {
+    use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
+    use std::process::Command;
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("tmux is not installed: skipping the terminal check (apt-get install tmux)");
+        return;
+    }
+    let env = env("dashboard");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..2 {
+        usb.plug(Box::new(mac_unit(
+            &env,
+            ECID + i,
+            StartMode::Dfu,
+            Faults::default(),
+            vec![env.scenario("mac-revive", None)],
+            boots.clone(),
+        )));
+    }
+    let screen = Screen::default();
+    let station = Station::new(
+        StationConfig {
+            display: Display::Terminal { width: Some(110) },
+            probe_ecid: false,
+            exit_after: Some(2),
+            ..StationConfig::default()
+        },
+        usb.clone(),
+        Arc::new(EngineJob(Arc::new(env.config(env.ipsw_pin())))),
+        Arc::new(restore_agent::engine::NeverErase),
+        Arc::new(NoNetwork),
+        Box::new(screen.clone()),
+    );
+    let summary = env.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            station.run(std::future::pending()),
+        )
+        .await
+        .expect("the station finishes both Macs")
+        .unwrap()
+    });
+    assert_eq!(summary.report_values.len(), 2);
+    let raw = String::from_utf8(screen.0.lock().unwrap().clone()).unwrap();
+    let frames: Vec<&str> = raw.split("\x1b[H").filter(|f| !f.is_empty()).collect();
+    let busy = frames
+        .iter()
+        .find(|f| {
+            f.contains("\r\n1-1 ")
+                && f.contains("\r\n1-2 ")
+                && f.contains("Macs: 2 working")
+                && f.matches("Macmini9,1").count() == 2
+        })
+        .expect("a frame with both Macs identified and at work");
+    let last = frames.last().unwrap();
+
+    let show = |tag: &str, frame: &str| -> String {
+        let file = env.dir.0.join(format!("{tag}.ans"));
+        std::fs::write(&file, format!("\x1b[H\x1b[2J\x1b[H{frame}")).unwrap();
+        let server = format!("engine-dash-{}-{tag}", std::process::id());
+        let tmux = |args: &[&str]| {
+            Command::new("tmux")
+                .arg("-L")
+                .arg(&server)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let cmd = format!("cat {}; sleep 30", file.display());
+        let started = tmux(&["new-session", "-d", "-x", "120", "-y", "30", &cmd]);
+        assert!(started.status.success(), "{started:?}");
+        let t = std::time::Instant::now();
+        let mut text = String::new();
+        while t.elapsed() < Duration::from_secs(10) {
+            let cap = tmux(&["capture-pane", "-p", "-t", "0"]);
+            text = String::from_utf8_lossy(&cap.stdout).into_owned();
+            if text.contains("PORT") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = tmux(&["kill-server"]);
+        text
+    };
+    let during = show("busy", busy);
+    for (port, ecid) in [("1-1", "0x0011223344556677"), ("1-2", "0x0011223344556678")] {
+        assert!(
+            during.lines().any(|l| l.starts_with(&format!("{port} "))
+                && l.contains("Macmini9,1")
+                && l.contains(ecid)),
+            "no row for {port} on the screen:\n{during}"
+        );
+    }
+    assert!(during.contains("Macs: 2 working"), "{during}");
+    assert!(
+        !during.contains('\x1b'),
+        "escape codes shown as text:\n{during}"
+    );
+    let after = show("last", last);
+    assert!(
+        after.contains("2 done, 0 failed"),
+        "the final screen:\n{after}"
+    );
 }
