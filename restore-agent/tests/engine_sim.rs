@@ -931,9 +931,6 @@ impl restore_agent::station::MacJob for EngineJob {
 /// The cable is pulled during `stage` (mac-sim's fault knobs drop the Mac off the bus there),
 /// then the Mac is plugged in again in DFU: the station names the first failure and restores
 /// the Mac on its second appearance. Returns the stage the first run failed in.
-///
-/// Not covered: a pull in the middle of the ASR stream (mac-sim's byte-limit knob counts only
-/// DFU and iBoot transfers, not restore-mode usbmux traffic).
 fn unplugged_then_replugged(tag: &str, os_size: u64, faults: Faults) -> String {
     use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
     let env = env_with(tag, os_size);
@@ -1044,6 +1041,20 @@ fn unplugged_in_stage2_the_mac_is_picked_up_again_and_finished() {
         drop_at(mac_sim::faults::Stage::Stage2),
     );
     assert_eq!(s, "Stage2");
+}
+
+#[test]
+fn unplugged_during_asr_the_mac_is_picked_up_again_and_finished() {
+    // Restored's messages are a few KiB; byte 2 Mi of usbmux traffic lies in the 4 MiB image.
+    let s = unplugged_then_replugged(
+        "unplug-asr",
+        4 << 20,
+        Faults {
+            disconnect_in_restore_after_bytes: Some(2 << 20),
+            ..Faults::default()
+        },
+    );
+    assert_eq!(s, "RestoreMode");
 }
 
 #[test]
