@@ -5,7 +5,7 @@
 //! Also: revive fails with a disk error → the confirmer is asked → erase only when confirmed;
 //! TSS 94 and a Mac in Recovery are named failures.
 
-mod support;
+pub(crate) mod support;
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -46,15 +46,16 @@ fn scenarios_dir() -> PathBuf {
     ))
 }
 
-struct Env {
-    rt: tokio::runtime::Runtime,
-    dir: TempDir,
-    ipsw: PathBuf,
+pub(crate) struct Env {
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) dir: TempDir,
+    pub(crate) ipsw: PathBuf,
     /// The OS image as the Mac must receive it.
-    os_image: PathBuf,
-    tss: Arc<TssService>,
-    tss_server: Server,
-    board: Board,
+    pub(crate) os_image: PathBuf,
+    pub(crate) tss: Arc<TssService>,
+    pub(crate) tss_server: Server,
+    pub(crate) board: Board,
+    pub(crate) os_size: u64,
 }
 
 /// The fixture manifests are software-update (preflight) manifests with one bootable identity;
@@ -104,36 +105,35 @@ fn full_manifest(dir: &std::path::Path, newer: Option<&str>) -> PathBuf {
     out
 }
 
-/// A full IPSW carries the BootabilityBundle restored asks for (§7.7); make_ipsw does not.
-fn add_bootability_bundle(ipsw: &std::path::Path) {
-    use std::io::Write;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(ipsw)
-        .unwrap();
-    let mut w = zip::ZipWriter::new_append(file).unwrap();
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (name, data) in [
+/// A full IPSW carries the BootabilityBundle restored asks for (§7.7); make_ipsw adds it as
+/// extra entries (appending with the `zip` crate would drop the ZIP64 fields of a > 4 GiB OS
+/// image).
+fn bootability_bundle() -> Vec<(String, Vec<u8>)> {
+    vec![
         (
-            "BootabilityBundle/Restore/Bootability/Bootability.dmg",
-            &[0xB0u8; 3000][..],
+            "BootabilityBundle/Restore/Bootability/Bootability.dmg".into(),
+            vec![0xB0u8; 3000],
         ),
         (
-            "BootabilityBundle/Restore/Firmware/Bootability.dmg.trustcache",
-            b"trustcache",
+            "BootabilityBundle/Restore/Firmware/Bootability.dmg.trustcache".into(),
+            b"trustcache".to_vec(),
         ),
-    ] {
-        w.start_file(name, stored).unwrap();
-        w.write_all(data).unwrap();
-    }
-    w.finish().unwrap();
+    ]
 }
 
-const IPSW_NAME: &str = "UniversalMac_26.2_25C56_Restore.ipsw";
+pub(crate) const IPSW_NAME: &str = "UniversalMac_26.2_25C56_Restore.ipsw";
 
-fn env(tag: &str) -> Env {
+pub(crate) fn env(tag: &str) -> Env {
+    env_with(tag, OS_SIZE)
+}
+
+pub(crate) fn env_with(tag: &str, os_size: u64) -> Env {
+    env_opts(tag, os_size, false)
+}
+
+/// `sparse`: the OS image is mostly holes (mac-sim's sparse layout), so a multi-GiB IPSW and
+/// the expected image cost a few MiB of disk.
+pub(crate) fn env_opts(tag: &str, os_size: u64, sparse: bool) -> Env {
     let _ = shared();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -143,13 +143,25 @@ fn env(tag: &str) -> Env {
     let dir = TempDir::new(tag);
     let ipsw = dir.0.join(IPSW_NAME);
     let mut opts = IpswOptions::new(BOARD);
-    opts.os_size = OS_SIZE;
+    opts.os_size = os_size;
+    opts.sparse_os = sparse;
+    opts.extra_entries = bootability_bundle();
     opts.manifest = Some(full_manifest(&dir.0, None));
     let summary = make_ipsw(&opts, &ipsw).unwrap();
-    add_bootability_bundle(&ipsw);
     // The image the simulated ASR sink compares against: the IPSW's own OS entry.
     let os_image = dir.0.join("os.dmg");
-    {
+    if sparse {
+        use mac_sim::ipsw::{os_fill, SPARSE_HEAD, SPARSE_PERIOD};
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&os_image).unwrap();
+        f.set_len(os_size).unwrap();
+        let mut buf = vec![0u8; SPARSE_HEAD as usize];
+        for off in (0..os_size).step_by(SPARSE_PERIOD as usize) {
+            let n = SPARSE_HEAD.min(os_size - off) as usize;
+            os_fill(off, &mut buf[..n], true);
+            f.write_all_at(&buf[..n], off).unwrap();
+        }
+    } else {
         let mut zip = zip::ZipArchive::new(std::fs::File::open(&ipsw).unwrap()).unwrap();
         let mut data = Vec::new();
         zip.by_name(&summary.os_paths[0])
@@ -172,10 +184,11 @@ fn env(tag: &str) -> Env {
         tss,
         tss_server,
         board: Board::load(BOARD).unwrap(),
+        os_size,
     }
 }
 
-fn fast_timeouts() -> Timeouts {
+pub(crate) fn fast_timeouts() -> Timeouts {
     let b = restore_agent::bootchain::Timeouts {
         discovery: Duration::from_secs(5),
         ibss_disconnect: Duration::from_secs(5),
@@ -201,7 +214,7 @@ fn fast_timeouts() -> Timeouts {
     }
 }
 
-fn http() -> HttpConfig {
+pub(crate) fn http() -> HttpConfig {
     HttpConfig {
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(10),
@@ -210,7 +223,7 @@ fn http() -> HttpConfig {
 }
 
 impl Env {
-    fn config(&self, pin: BuildPin) -> EngineConfig {
+    pub(crate) fn config(&self, pin: BuildPin) -> EngineConfig {
         EngineConfig {
             cache_dir: None,
             local_ipsw_dirs: Vec::new(),
@@ -225,6 +238,7 @@ impl Env {
             pin,
             timeouts: fast_timeouts(),
             allow_recovery_start: false,
+            ..EngineConfig::default()
         }
     }
 
@@ -234,14 +248,14 @@ impl Env {
 
     /// A shipped scenario adapted to this test: the image is the IPSW's OS entry, device
     /// requests for URLs go to a local server, and `end` replaces the final status.
-    fn scenario(&self, name: &str, end: Option<Step>) -> Scenario {
+    pub(crate) fn scenario(&self, name: &str, end: Option<Step>) -> Scenario {
         let path = scenarios_dir().join(format!("{name}.toml"));
         let text = std::fs::read_to_string(&path).unwrap().replace(
             "http://gs.apple.com/",
             &format!("{}/", self.tss_server.url()),
         );
         let mut s = Scenario::parse(&text, &path).unwrap();
-        s.image.size = OS_SIZE;
+        s.image.size = self.os_size;
         s.image.seed = None;
         s.image.sha1 = None;
         s.image.path = Some(self.os_image.clone());
@@ -260,7 +274,7 @@ impl Env {
 
 /// A Mac whose successive boots into restore mode play `scenarios` in order; handles of every
 /// boot are kept.
-fn mac(
+pub(crate) fn mac(
     env: &Env,
     start: StartMode,
     scenarios: Vec<Scenario>,
@@ -269,8 +283,19 @@ fn mac(
     mac_with(env, start, Faults::default(), scenarios, boots)
 }
 
-fn mac_with(
+pub(crate) fn mac_with(
     env: &Env,
+    start: StartMode,
+    faults: Faults,
+    scenarios: Vec<Scenario>,
+    boots: Arc<Mutex<Vec<RestoreHandle>>>,
+) -> SimMac {
+    mac_unit(env, ECID, start, faults, scenarios, boots)
+}
+
+pub(crate) fn mac_unit(
+    env: &Env,
+    ecid: u64,
     start: StartMode,
     faults: Faults,
     scenarios: Vec<Scenario>,
@@ -281,7 +306,7 @@ fn mac_with(
         timeout: Duration::from_secs(10),
         ..SimRestoreConfig::default()
     };
-    SimMac::new(env.board.clone(), ECID, start, faults, Timing::fast()).with_restore(Box::new(
+    SimMac::new(env.board.clone(), ecid, start, faults, Timing::fast()).with_restore(Box::new(
         move |board, id| {
             let scenario = queue.next().expect("no more restore boots expected");
             let os = RestoreOs::start(
@@ -295,12 +320,12 @@ fn mac_with(
     ))
 }
 
-fn find_mac(usb: &SimUsb) -> DeviceInfo {
+pub(crate) fn find_mac(usb: &SimUsb) -> DeviceInfo {
     usb.devices().unwrap().into_iter().next().unwrap()
 }
 
 /// What the confirmer saw and answers.
-struct TestConfirmer {
+pub(crate) struct TestConfirmer {
     answer: EraseDecision,
     asked: Mutex<Vec<(u64, String, String)>>,
     /// Plugged in when the erase is confirmed: the technician puts the Mac back in DFU.
@@ -366,7 +391,7 @@ fn stages(events: &[EngineEvent]) -> Vec<Stage> {
     v
 }
 
-fn never_asked() -> Arc<TestConfirmer> {
+pub(crate) fn never_asked() -> Arc<TestConfirmer> {
     confirmer(EraseDecision::Refused { how: "test".into() })
 }
 
@@ -792,4 +817,627 @@ fn a_usb_drop_in_stage_2_is_a_named_failure_and_never_asks_to_erase() {
     assert!(stages(&events).contains(&Stage::Stage1));
     assert!(!stages(&events).contains(&Stage::RestoreMode));
     assert!(confirm.asked.lock().unwrap().is_empty());
+}
+
+/// An empty cache and a slow CDN: the engine downloads the IPSW into the cache while it
+/// restores from the partial file. DFU starts before the download is complete, every byte
+/// crosses the network once, and the restore ends only after the SHA-1 check.
+/// Returns the report, whether the download was complete when DFU started, the cached file's
+/// length, the IPSW's size and the body bytes the CDN sent.
+fn restore_while_downloading(tag: &str, sha1_ok: bool) -> (MacReport, bool, Option<u64>, u64, u64) {
+    use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
+    use sha1::Digest;
+    // 20 MiB at 1 MiB/s per connection on 2 (+1 for the restore's reads) connections: the
+    // download takes about 7 s, the boot chain needs about 1 MiB of it (about 1 s).
+    let env = env_with(tag, 20 << 20);
+    let size = std::fs::metadata(&env.ipsw).unwrap().len();
+    let mut sha1 = sha1::Sha1::digest(std::fs::read(&env.ipsw).unwrap()).to_vec();
+    if !sha1_ok {
+        sha1[0] ^= 1;
+    }
+    let cdn = env
+        .rt
+        .block_on(Cdn::start(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            CdnConfig {
+                files: vec![CdnFile {
+                    name: IPSW_NAME.into(),
+                    source: Source::Path(env.ipsw.clone()),
+                }],
+                rate: Some(1 << 20),
+                faults: vec![],
+            },
+        ))
+        .unwrap();
+    let catalog = CatalogService::from_builds(vec![CatalogBuild {
+        product_type: "Macmini9,1".into(),
+        version: "26.2".into(),
+        build: "25C56".into(),
+        url: cdn.url(IPSW_NAME),
+        sha1: Some(hex::encode(&sha1)),
+    }]);
+    let server = env
+        .rt
+        .block_on(catalog.start("127.0.0.1:0".parse().unwrap(), None))
+        .unwrap();
+    let cache = env.dir.0.join("cache");
+    let mut cfg = env.config(BuildPin::Latest);
+    cfg.cache_dir = Some(cache.clone());
+    cfg.download.connections = 2;
+    cfg.download.chunk_size = 1 << 20;
+    cfg.download.read_ahead = 1 << 20;
+    cfg.catalog = CatalogFetchConfig {
+        catalog_url: sim_catalog::mesu_url(&server),
+        fallback_url: None,
+        timeout: Duration::from_secs(5),
+        http: http(),
+    };
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let device = find_mac(&usb);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let finished = cache.join(IPSW_NAME);
+    let (report, complete_at_dfu) = env.rt.block_on(async {
+        let job = tokio::spawn(restore_mac(
+            Arc::new(cfg),
+            usb.clone(),
+            device,
+            never_asked(),
+            tx,
+        ));
+        let mut complete_at_dfu = None;
+        while let Some(e) = rx.recv().await {
+            if e == (EngineEvent::Stage { stage: Stage::Dfu }) && complete_at_dfu.is_none() {
+                complete_at_dfu = Some(finished.exists());
+            }
+        }
+        let report = tokio::time::timeout(Duration::from_secs(120), job)
+            .await
+            .expect("the engine finishes in time")
+            .unwrap();
+        (report, complete_at_dfu.expect("DFU started"))
+    });
+    let body = cdn.totals().body_bytes;
+    let _ = boots.lock().unwrap()[0].wait(Duration::from_secs(5));
+    let cached = std::fs::metadata(&finished).ok().map(|m| m.len());
+    (report, complete_at_dfu, cached, size, body)
+}
+
+#[test]
+fn an_empty_cache_downloads_while_the_mac_is_restored() {
+    let (report, complete_at_dfu, cached, size, body) = restore_while_downloading("overlap", true);
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    assert!(
+        !complete_at_dfu,
+        "DFU started only after the whole IPSW was downloaded"
+    );
+    assert_eq!(cached, Some(size));
+    assert!(
+        report
+            .firmware_download
+            .as_deref()
+            .unwrap_or("")
+            .contains("matched the catalog's SHA-1"),
+        "{}",
+        report.to_json_line()
+    );
+    // The catalog's look at the candidate (remote ranges in 1 MiB blocks) reads the ZIP
+    // directory and the manifest once more; nothing of the bulk is fetched twice.
+    assert!(
+        body >= size && body < size + (4 << 20),
+        "{body} bytes crossed the network for a {size}-byte IPSW"
+    );
+}
+
+#[test]
+fn a_download_that_fails_its_sha1_after_the_restore_used_it_fails_the_restore() {
+    let (report, _, cached, _, _) = restore_while_downloading("overlap-corrupt", false);
+    assert!(!report.succeeded(), "{}", report.to_json_line());
+    let failure = report.failure.as_ref().unwrap();
+    assert!(
+        failure.cause.contains("failed its SHA-1 check afterwards"),
+        "{}",
+        failure.cause
+    );
+    assert!(failure.next_step.contains("downloaded afresh"));
+    assert_eq!(cached, None, "the corrupt copy was deleted");
+}
+
+/// The station's production job: the engine (as `restore-agent station` runs it).
+struct EngineJob(Arc<EngineConfig>);
+
+impl restore_agent::station::MacJob for EngineJob {
+    fn start(
+        &self,
+        bus: Arc<dyn UsbBus>,
+        device: DeviceInfo,
+        confirmer: Arc<dyn EraseConfirmer>,
+        events: tokio::sync::mpsc::UnboundedSender<EngineEvent>,
+    ) -> restore_agent::station::JobFuture {
+        let cfg = Arc::clone(&self.0);
+        Box::pin(async move {
+            let report = restore_mac(cfg, bus, device, confirmer, events).await;
+            serde_json::to_value(&report).unwrap()
+        })
+    }
+}
+
+/// The cable is pulled during `stage` (mac-sim's fault knobs drop the Mac off the bus there),
+/// then the Mac is plugged in again in DFU: the station names the first failure and restores
+/// the Mac on its second appearance. Returns the stage the first run failed in.
+fn unplugged_then_replugged(tag: &str, os_size: u64, faults: Faults) -> String {
+    use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
+    let env = env_with(tag, os_size);
+    let data = env.dir.0.join("station");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    usb.plug(Box::new(mac_with(
+        &env,
+        StartMode::Dfu,
+        faults,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let station = Station::new(
+        StationConfig {
+            display: Display::Lines,
+            probe_ecid: false,
+            exit_after: Some(2),
+            data_dir: Some(data.clone()),
+            ..StationConfig::default()
+        },
+        usb.clone(),
+        Arc::new(EngineJob(Arc::new(env.config(env.ipsw_pin())))),
+        Arc::new(restore_agent::engine::NeverErase),
+        Arc::new(NoNetwork),
+        Box::new(std::io::sink()),
+    );
+    let summary = env.rt.block_on(async {
+        let run = tokio::spawn(station.run(std::future::pending()));
+        // The technician sees the station report the Mac lost and plugs it back in (in DFU).
+        let reports = data.join("reports");
+        let t = std::time::Instant::now();
+        while std::fs::read_dir(&reports).map_or(0, |d| d.count()) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no report of the first run"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        usb.plug(Box::new(mac(
+            &env,
+            StartMode::Dfu,
+            vec![env.scenario("mac-revive", None)],
+            boots.clone(),
+        )));
+        tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("the station finishes both runs")
+            .unwrap()
+            .unwrap()
+    });
+    let reports = &summary.report_values;
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let engine: Vec<_> = reports.iter().map(|r| &r["engine"]).collect();
+    let failed: Vec<_> = engine.iter().filter(|r| r["result"] == "failed").collect();
+    let succeeded: Vec<_> = engine
+        .iter()
+        .filter(|r| r["result"] == "succeeded")
+        .collect();
+    assert_eq!((failed.len(), succeeded.len()), (1, 1), "{reports:?}");
+    assert_eq!(succeeded[0]["ecid"], "0011223344556677");
+    assert_eq!(
+        failed[0]["failure"]["erase_could_fix"], false,
+        "{reports:?}"
+    );
+    let last = boots
+        .lock()
+        .unwrap()
+        .last()
+        .map(|b| b.wait(Duration::from_secs(5)));
+    assert_eq!(last, Some(SimOutcome::Succeeded));
+    let stages = failed[0]["stages"].as_array().unwrap();
+    stages.last().unwrap()["stage"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn drop_at(stage: mac_sim::faults::Stage) -> Faults {
+    Faults {
+        disconnect_at: Some(stage),
+        ..Faults::default()
+    }
+}
+
+#[test]
+fn unplugged_in_dfu_the_mac_is_picked_up_again_and_finished() {
+    let failed_in =
+        unplugged_then_replugged("unplug-dfu", OS_SIZE, drop_at(mac_sim::faults::Stage::Dfu));
+    assert_eq!(failed_in, "Dfu");
+}
+
+#[test]
+fn unplugged_in_stage1_the_mac_is_picked_up_again_and_finished() {
+    let s = unplugged_then_replugged(
+        "unplug-s1",
+        OS_SIZE,
+        drop_at(mac_sim::faults::Stage::Stage1),
+    );
+    assert_eq!(s, "Stage1");
+}
+
+#[test]
+fn unplugged_in_stage2_the_mac_is_picked_up_again_and_finished() {
+    let s = unplugged_then_replugged(
+        "unplug-s2",
+        OS_SIZE,
+        drop_at(mac_sim::faults::Stage::Stage2),
+    );
+    assert_eq!(s, "Stage2");
+}
+
+#[test]
+fn unplugged_during_asr_the_mac_is_picked_up_again_and_finished() {
+    // Restored's messages are a few KiB; byte 2 Mi of usbmux traffic lies in the 4 MiB image.
+    let s = unplugged_then_replugged(
+        "unplug-asr",
+        4 << 20,
+        Faults {
+            disconnect_in_restore_after_bytes: Some(2 << 20),
+            ..Faults::default()
+        },
+    );
+    assert_eq!(s, "RestoreMode");
+}
+
+#[test]
+fn unplugged_after_bootx_the_mac_is_picked_up_again_and_finished() {
+    let s = unplugged_then_replugged(
+        "unplug-bootx",
+        OS_SIZE,
+        drop_at(mac_sim::faults::Stage::AfterBootx),
+    );
+    assert!(s == "Stage2" || s == "RestoreMode", "{s}");
+}
+
+/// `n` Macs on one station with an empty cache and a slow CDN: every Mac is restored and the
+/// IPSW crosses the network once (one download, read by all of them while it runs).
+fn macs_share_one_download(n: u64) {
+    use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
+    use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
+    let env = env_with(&format!("share-{n}"), 8 << 20);
+    let size = std::fs::metadata(&env.ipsw).unwrap().len();
+    let cdn = env
+        .rt
+        .block_on(Cdn::start(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            CdnConfig {
+                files: vec![CdnFile {
+                    name: IPSW_NAME.into(),
+                    source: Source::Path(env.ipsw.clone()),
+                }],
+                rate: Some(2 << 20),
+                faults: vec![],
+            },
+        ))
+        .unwrap();
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..n {
+        usb.plug(Box::new(mac_unit(
+            &env,
+            ECID + i,
+            StartMode::Dfu,
+            Faults::default(),
+            vec![env.scenario("mac-revive", None)],
+            boots.clone(),
+        )));
+    }
+    let mut cfg = env.config(BuildPin::Ipsw(PathOrUrl::Url(cdn.url(IPSW_NAME))));
+    cfg.cache_dir = Some(env.dir.0.join("cache"));
+    cfg.download.connections = 2;
+    cfg.download.chunk_size = 1 << 20;
+    cfg.download.read_ahead = 1 << 20;
+    // A serial console's view: plain lines.
+    let screen = Screen::default();
+    let station = Station::new(
+        StationConfig {
+            display: Display::Lines,
+            probe_ecid: false,
+            exit_after: Some(n as u32),
+            ..StationConfig::default()
+        },
+        usb.clone(),
+        Arc::new(EngineJob(Arc::new(cfg))),
+        Arc::new(restore_agent::engine::NeverErase),
+        Arc::new(NoNetwork),
+        Box::new(screen.clone()),
+    );
+    let summary = env.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(180),
+            station.run(std::future::pending()),
+        )
+        .await
+        .expect("the station finishes every Mac")
+        .unwrap()
+    });
+    let ecids: std::collections::BTreeSet<String> = summary
+        .report_values
+        .iter()
+        .filter(|r| r["engine"]["result"] == "succeeded")
+        .map(|r| r["engine"]["ecid"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ecids.len() as u64, n, "{:?}", summary.report_values);
+    for b in boots.lock().unwrap().iter() {
+        assert_eq!(b.wait(Duration::from_secs(5)), SimOutcome::Succeeded);
+    }
+    let lines = String::from_utf8(screen.0.lock().unwrap().clone()).unwrap();
+    assert!(!lines.contains('\x1b'), "escape codes on a serial console");
+    for i in 0..n {
+        let ecid = format!("0x{:016X}", ECID + i);
+        assert!(
+            lines.lines().any(|l| l.contains(&ecid)),
+            "{ecid} never shown:\n{lines}"
+        );
+    }
+    let body = cdn.totals().body_bytes;
+    // Racing a slow part near the end may fetch up to a part twice; a second download would
+    // double the total.
+    assert!(
+        body >= size && body <= size + (2 << 20),
+        "{body} bytes crossed the network for {n} Macs and a {size}-byte IPSW"
+    );
+}
+
+#[test]
+fn two_macs_at_once_share_one_download() {
+    macs_share_one_download(2);
+}
+
+#[test]
+fn four_macs_at_once_share_one_download() {
+    macs_share_one_download(4);
+}
+
+/// The station stops (power cut, crash) halfway through the download the restore reads from;
+/// the next start resumes the download from its record instead of fetching it again, and
+/// restores the Mac.
+#[test]
+fn a_restarted_station_resumes_the_half_done_download() {
+    use mac_sim::services::cdn::{bytes_served_twice, Cdn, CdnConfig, CdnFile, Source};
+    let env = env_with("resume", 8 << 20);
+    let size = std::fs::metadata(&env.ipsw).unwrap().len();
+    let cdn = env
+        .rt
+        .block_on(Cdn::start(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            CdnConfig {
+                files: vec![CdnFile {
+                    name: IPSW_NAME.into(),
+                    source: Source::Path(env.ipsw.clone()),
+                }],
+                rate: Some(1 << 20),
+                faults: vec![],
+            },
+        ))
+        .unwrap();
+    let cache = env.dir.0.join("cache");
+    let config = || {
+        let mut cfg = env.config(BuildPin::Ipsw(PathOrUrl::Url(cdn.url(IPSW_NAME))));
+        cfg.cache_dir = Some(cache.clone());
+        cfg.download.connections = 2;
+        cfg.download.chunk_size = 1 << 20;
+        cfg.download.read_ahead = 1 << 20;
+        cfg.download.save_every = Duration::from_millis(20);
+        Arc::new(cfg)
+    };
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+
+    // First start: stopped once half the file has arrived.
+    usb.plug(Box::new(mac(
+        &env,
+        StartMode::Dfu,
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    first.spawn(restore_mac(
+        config(),
+        usb.clone(),
+        find_mac(&usb),
+        never_asked(),
+        tx,
+    ));
+    let t = std::time::Instant::now();
+    while cdn.totals().body_bytes < size / 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the download never got going"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    first.shutdown_timeout(Duration::from_secs(1));
+    assert!(
+        !cache.join(IPSW_NAME).exists(),
+        "stopped before the download ended"
+    );
+
+    // Second start with a Mac in DFU (another unit: the first is left where it stopped).
+    let port = usb.plug(Box::new(mac_unit(
+        &env,
+        ECID + 1,
+        StartMode::Dfu,
+        Faults::default(),
+        vec![env.scenario("mac-revive", None)],
+        boots.clone(),
+    )));
+    let device = usb
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.location.ports == vec![port as u8])
+        .unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let report = env.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            restore_mac(config(), usb.clone(), device, never_asked(), tx),
+        )
+        .await
+        .expect("the second start finishes")
+    });
+    assert!(report.succeeded(), "{}", report.to_json_line());
+    assert_eq!(
+        std::fs::metadata(cache.join(IPSW_NAME)).unwrap().len(),
+        size
+    );
+    // What was on disk and recorded is never fetched again; only parts in flight at the stop
+    // (at most one 1 MiB part per connection, three connections) may be.
+    let twice = bytes_served_twice(&cdn.served(IPSW_NAME));
+    assert!(
+        twice <= 3 << 20,
+        "{twice} bytes were fetched twice (IPSW {size} bytes)"
+    );
+    assert!(cdn.totals().body_bytes < size + (3 << 20));
+}
+
+/// A `Write` the test reads back.
+#[derive(Clone, Default)]
+struct Screen(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Screen {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The terminal dashboard of a station restoring two simulated Macs with the real engine, as a
+/// person sees it: a frame with both Macs at work and the final one are shown in a real
+/// terminal (tmux) and read back from its screen.
+#[test]
+fn the_dashboard_of_real_restores_shows_in_a_terminal() {
+    use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
+    use std::process::Command;
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("tmux is not installed: skipping the terminal check (apt-get install tmux)");
+        return;
+    }
+    let env = env("dashboard");
+    let usb = Arc::new(SimUsb::new());
+    let boots = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..2 {
+        usb.plug(Box::new(mac_unit(
+            &env,
+            ECID + i,
+            StartMode::Dfu,
+            Faults::default(),
+            vec![env.scenario("mac-revive", None)],
+            boots.clone(),
+        )));
+    }
+    let screen = Screen::default();
+    let station = Station::new(
+        StationConfig {
+            display: Display::Terminal { width: Some(110) },
+            probe_ecid: false,
+            exit_after: Some(2),
+            ..StationConfig::default()
+        },
+        usb.clone(),
+        Arc::new(EngineJob(Arc::new(env.config(env.ipsw_pin())))),
+        Arc::new(restore_agent::engine::NeverErase),
+        Arc::new(NoNetwork),
+        Box::new(screen.clone()),
+    );
+    let summary = env.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            station.run(std::future::pending()),
+        )
+        .await
+        .expect("the station finishes both Macs")
+        .unwrap()
+    });
+    assert_eq!(summary.report_values.len(), 2);
+    let raw = String::from_utf8(screen.0.lock().unwrap().clone()).unwrap();
+    let frames: Vec<&str> = raw.split("\x1b[H").filter(|f| !f.is_empty()).collect();
+    let busy = frames
+        .iter()
+        .find(|f| {
+            f.contains("\r\n1-1 ")
+                && f.contains("\r\n1-2 ")
+                && f.contains("Macs: 2 working")
+                && f.matches("Macmini9,1").count() == 2
+        })
+        .expect("a frame with both Macs identified and at work");
+    let last = frames.last().unwrap();
+
+    let show = |tag: &str, frame: &str| -> String {
+        let file = env.dir.0.join(format!("{tag}.ans"));
+        std::fs::write(&file, format!("\x1b[H\x1b[2J\x1b[H{frame}")).unwrap();
+        let server = format!("engine-dash-{}-{tag}", std::process::id());
+        let tmux = |args: &[&str]| {
+            Command::new("tmux")
+                .arg("-L")
+                .arg(&server)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let cmd = format!("cat {}; sleep 30", file.display());
+        let started = tmux(&["new-session", "-d", "-x", "120", "-y", "30", &cmd]);
+        assert!(started.status.success(), "{started:?}");
+        let t = std::time::Instant::now();
+        let mut text = String::new();
+        while t.elapsed() < Duration::from_secs(10) {
+            let cap = tmux(&["capture-pane", "-p", "-t", "0"]);
+            text = String::from_utf8_lossy(&cap.stdout).into_owned();
+            if text.contains("PORT") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = tmux(&["kill-server"]);
+        text
+    };
+    let during = show("busy", busy);
+    for (port, ecid) in [("1-1", "0x0011223344556677"), ("1-2", "0x0011223344556678")] {
+        assert!(
+            during.lines().any(|l| l.starts_with(&format!("{port} "))
+                && l.contains("Macmini9,1")
+                && l.contains(ecid)),
+            "no row for {port} on the screen:\n{during}"
+        );
+    }
+    assert!(during.contains("Macs: 2 working"), "{during}");
+    assert!(
+        !during.contains('\x1b'),
+        "escape codes shown as text:\n{during}"
+    );
+    let after = show("last", last);
+    assert!(
+        after.contains("2 done, 0 failed"),
+        "the final screen:\n{after}"
+    );
 }

@@ -101,6 +101,7 @@ pub fn config(args: &Args) -> EngineConfig {
         pin,
         timeouts: Timeouts::default(),
         allow_recovery_start: args.allow_recovery,
+        ..EngineConfig::default()
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
+use super::live::{Live, LiveEnd};
 use super::ranges::{chunk_size, ByteRange, RangeSet};
 use super::rate::RateMeter;
 use super::response::{check_head, check_part, looks_like_html, Problem, RemoteFile, ResponseHead};
@@ -41,6 +42,7 @@ pub struct Downloader {
     opts: DownloadOptions,
     events: Option<EventSink>,
     writer: WriterFactory,
+    live: Option<Arc<Live>>,
 }
 
 impl Downloader {
@@ -57,6 +59,7 @@ impl Downloader {
             client,
             opts,
             events: None,
+            live: None,
             writer: Arc::new(|path: &Path, size: u64| {
                 Ok(Arc::new(FileWriter::open(path, size)?) as Arc<dyn PartWriter>)
             }),
@@ -73,13 +76,42 @@ impl Downloader {
         self
     }
 
+    /// Share progress with readers of the partial file ([`crate::ipsw::PartialFile`]): ranges
+    /// they wait for are fetched before the rest, on a connection kept free for them.
+    pub fn with_live(mut self, live: Arc<Live>) -> Downloader {
+        self.live = Some(live);
+        self
+    }
+
+    pub async fn run(&self) -> Result<Downloaded, DownloadError> {
+        let result = self.run_inner().await;
+        if let Some(live) = &self.live {
+            live.end(match &result {
+                Ok(d) => {
+                    live.completed(&d.path, d.size);
+                    LiveEnd::Complete {
+                        path: d.path.clone(),
+                        verified: self.opts.sha1.is_some(),
+                    }
+                }
+                Err(e @ DownloadError::Sha1Mismatch { .. }) => LiveEnd::Corrupt {
+                    message: e.to_string(),
+                },
+                Err(e) => LiveEnd::Failed {
+                    message: e.to_string(),
+                },
+            });
+        }
+        result
+    }
+
     fn emit(&self, e: Event) {
         if let Some(s) = &self.events {
             s(&e);
         }
     }
 
-    pub async fn run(&self) -> Result<Downloaded, DownloadError> {
+    async fn run_inner(&self) -> Result<Downloaded, DownloadError> {
         let o = &self.opts;
         let name = match &o.file_name {
             Some(n) => {
@@ -136,6 +168,9 @@ impl Downloader {
                 .map_err(|e| io_err("open", &paths.part, io::Error::other(e)))?
                 .map_err(|e| self.write_error(e, &paths.part, remote.size - have.covered()))?
         };
+        if let Some(live) = &self.live {
+            live.opened(paths.part.clone(), remote.size, &have);
+        }
         let fetched = self.fetch(&paths, &remote, have, &writer).await?;
         drop(writer);
         self.finish(&paths, &remote, fetched).await
@@ -376,12 +411,18 @@ impl Downloader {
             stop: AtomicBool::new(false),
             fetched: AtomicU64::new(0),
             events: self.events.clone(),
+            live: self.live.clone(),
         });
         self.save(&ctx, paths).await?;
 
         let mut workers = JoinSet::new();
         for _ in 0..connections {
-            workers.spawn(worker(Arc::clone(&ctx)));
+            workers.spawn(worker(Arc::clone(&ctx), false));
+        }
+        if self.live.is_some() {
+            // One more connection only for ranges a reader waits for: the boot chain and the
+            // next bytes ASR needs never queue behind parts of the bulk in flight.
+            workers.spawn(worker(Arc::clone(&ctx), true));
         }
         let tick_every = o
             .save_every
@@ -679,6 +720,7 @@ struct Ctx {
     stop: AtomicBool,
     fetched: AtomicU64,
     events: Option<EventSink>,
+    live: Option<Arc<Live>>,
 }
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -736,13 +778,27 @@ impl Ctx {
 }
 
 /// One connection: ask the scheduler for work until the download is finished or stopped.
-async fn worker(ctx: Arc<Ctx>) {
+/// An `urgent` connection only fetches ranges readers wait for.
+async fn worker(ctx: Arc<Ctx>, urgent: bool) {
     loop {
         if ctx.stop.load(Ordering::SeqCst) {
             return;
         }
         let notified = ctx.changed.notified();
-        let next = ctx.lock().next(Instant::now());
+        let kicked = ctx.live.as_ref().map(|l| l.kick.notified());
+        let next = {
+            let mut sched = ctx.lock();
+            if let Some(live) = &ctx.live {
+                for want in live.take_wanted() {
+                    sched.prioritize(want);
+                }
+            }
+            if urgent {
+                sched.next_urgent(Instant::now())
+            } else {
+                sched.next(Instant::now())
+            }
+        };
         match next {
             Next::Finished => {
                 ctx.changed.notify_waiters();
@@ -754,7 +810,20 @@ async fn worker(ctx: Arc<Ctx>) {
                 if let Some(t) = until {
                     wait = wait.min(t.saturating_duration_since(Instant::now()));
                 }
-                let _ = tokio::time::timeout(wait, notified).await;
+                match kicked {
+                    Some(kicked) => {
+                        let _ = tokio::time::timeout(wait, async {
+                            tokio::select! {
+                                _ = notified => {}
+                                _ = kicked => {}
+                            }
+                        })
+                        .await;
+                    }
+                    None => {
+                        let _ = tokio::time::timeout(wait, notified).await;
+                    }
+                }
             }
             Next::Fetch { id, range, race } => {
                 if race {
@@ -885,6 +954,9 @@ async fn flush(ctx: &Ctx, id: AttemptId, buf: &mut Vec<u8>, at: u64) -> Result<u
     r.map_err(AttemptError::Write)?;
     let written = ByteRange::new(at, at + data.len() as u64);
     ctx.lock().on_progress(id, written);
+    if let Some(live) = &ctx.live {
+        live.arrived(written);
+    }
     *buf = data;
     buf.clear();
     Ok(written.end)

@@ -12,6 +12,7 @@
 //! tested; [`storage`] is the disk edge; `engine` is the tokio + reqwest edge.
 
 mod engine;
+pub mod live;
 pub mod ranges;
 pub mod rate;
 pub mod response;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use engine::{Downloader, EventSink, WriterFactory};
+pub use live::{Live, LiveEnd};
 
 /// What to download and how.
 #[derive(Debug, Clone)]

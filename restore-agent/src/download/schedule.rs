@@ -7,7 +7,7 @@
 //! write the same bytes at the same offsets, so whichever finishes first completes the part and
 //! the other is cancelled: the file is never corrupted by the race.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::ranges::{split, ByteRange, RangeSet};
@@ -96,6 +96,12 @@ pub struct Scheduler {
     policy: SchedulePolicy,
     /// Smoothed rate of completed attempts (bytes/s): what a healthy connection achieves.
     typical_rate: Option<f64>,
+    /// Parts a reader is waiting for (a restore reading the file while it downloads), most
+    /// recent request first: handed out before the rest of the queue.
+    urgent: VecDeque<usize>,
+    /// Part indices by file offset: the queue order (parts split by [`Self::prioritize`] are
+    /// appended to `parts` but keep their place in the file).
+    order: Vec<usize>,
 }
 
 impl Scheduler {
@@ -109,7 +115,8 @@ impl Scheduler {
                 state: PartState::Queued { not_before: None },
                 failures: 0,
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let n = parts.len();
         Scheduler {
             total,
             done: have,
@@ -118,7 +125,97 @@ impl Scheduler {
             next_id: 1,
             policy,
             typical_rate: None,
+            urgent: VecDeque::new(),
+            order: (0..n).collect(),
         }
+    }
+
+    /// A reader needs `want` now: the queued bytes of it become parts of their own, fetched
+    /// before anything else. Bytes already on disk or in flight are left alone (an attempt in
+    /// flight reaches them at its connection's speed; parts are small enough for that).
+    pub fn prioritize(&mut self, want: ByteRange) {
+        let want = ByteRange::new(want.start.min(self.total), want.end.min(self.total));
+        if want.is_empty() {
+            return;
+        }
+        let mut found = Vec::new();
+        for i in 0..self.parts.len() {
+            let p = &self.parts[i];
+            if !matches!(p.state, PartState::Queued { .. })
+                || p.range.end <= want.start
+                || p.range.start >= want.end
+            {
+                continue;
+            }
+            let (range, failures) = (p.range, p.failures);
+            let mid = ByteRange::new(range.start.max(want.start), range.end.min(want.end));
+            // The part itself keeps the wanted middle (no attempt refers to a queued part, so
+            // its index may be reused); the rest goes back to the queue as new parts.
+            self.parts[i].range = mid;
+            self.parts[i].state = PartState::Queued { not_before: None };
+            for rest in [
+                ByteRange::new(range.start, mid.start),
+                ByteRange::new(mid.end, range.end),
+            ] {
+                if !rest.is_empty() {
+                    let idx = self.parts.len();
+                    self.parts.push(Part {
+                        range: rest,
+                        state: PartState::Queued { not_before: None },
+                        failures,
+                    });
+                    let parts = &self.parts;
+                    let at = self
+                        .order
+                        .partition_point(|&j| parts[j].range.start < rest.start);
+                    self.order.insert(at, idx);
+                }
+            }
+            found.push(i);
+        }
+        self.urgent.retain(|i| !found.contains(i));
+        for i in found.into_iter().rev() {
+            self.urgent.push_front(i);
+        }
+    }
+
+    /// Whether a reader is waiting for a part nobody fetches yet.
+    pub fn has_urgent(&self) -> bool {
+        self.urgent
+            .iter()
+            .any(|&i| matches!(self.parts[i].state, PartState::Queued { .. }))
+    }
+
+    /// Like [`Self::next`] but only for parts a reader waits for: the connection kept free for
+    /// them, so the first bytes a restore needs never queue behind the bulk of the file.
+    pub fn next_urgent(&mut self, now: Instant) -> Next {
+        if let Some(n) = self.take_urgent(now) {
+            return n;
+        }
+        if self.is_finished() {
+            return Next::Finished;
+        }
+        Next::Wait { until: None }
+    }
+
+    fn take_urgent(&mut self, now: Instant) -> Option<Next> {
+        while let Some(&i) = self.urgent.front() {
+            if !matches!(self.parts[i].state, PartState::Queued { .. }) {
+                self.urgent.pop_front();
+                continue;
+            }
+            let Some(gap) = self.done.gaps(self.parts[i].range).first().copied() else {
+                self.parts[i].state = PartState::Done;
+                self.urgent.pop_front();
+                continue;
+            };
+            // Backoff is ignored on purpose: someone is waiting, and a failed urgent part is
+            // retried by the next free connection.
+            self.urgent.pop_front();
+            self.parts[i].state = PartState::Active;
+            return Some(self.start(i, gap, false, now));
+        }
+        None
     }
 
     pub fn total(&self) -> u64 {
@@ -139,9 +236,13 @@ impl Scheduler {
     }
 
     pub fn next(&mut self, now: Instant) -> Next {
+        if let Some(n) = self.take_urgent(now) {
+            return n;
+        }
         let mut wake: Option<Instant> = None;
         let mut queued = false;
-        for i in 0..self.parts.len() {
+        for k in 0..self.order.len() {
+            let i = self.order[k];
             let PartState::Queued { not_before } = self.parts[i].state else {
                 continue;
             };
@@ -340,6 +441,36 @@ mod tests {
         }
         assert_eq!(s.next(t), Next::Finished);
         assert_eq!(s.done().covered(), 25);
+    }
+
+    #[test]
+    fn a_wanted_range_is_fetched_before_the_queue_and_the_rest_keeps_file_order() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(100, RangeSet::new(), 40, policy());
+        let (a, ra, _) = fetch(s.next(t));
+        assert_eq!(ra, r(0, 40));
+        // 50..55 lies in the queued part 40..80; 38..42 partly in the running one.
+        s.prioritize(r(38, 42));
+        s.prioritize(r(50, 55));
+        assert!(s.has_urgent());
+        assert_eq!(
+            fetch(s.next_urgent(t)).1,
+            r(50, 55),
+            "the latest wish first"
+        );
+        assert_eq!(fetch(s.next(t)).1, r(40, 42));
+        assert!(!s.has_urgent());
+        assert_eq!(s.next_urgent(t), Next::Wait { until: None });
+        // The remainder in file order: 42..50, 55..80, 80..100.
+        assert_eq!(fetch(s.next(t)).1, r(42, 50));
+        assert_eq!(fetch(s.next(t)).1, r(55, 80));
+        assert_eq!(fetch(s.next(t)).1, r(80, 100));
+        s.on_progress(a, ra);
+        s.on_end(a, AttemptEnd::Completed, t);
+        // Bytes on disk or past the end are never asked for again.
+        s.prioritize(r(0, 10));
+        s.prioritize(r(100, 120));
+        assert!(!s.has_urgent());
     }
 
     #[test]

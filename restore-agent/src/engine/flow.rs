@@ -12,8 +12,9 @@ use crate::bootchain::images::{ImageError, ImageProvider};
 use crate::bootchain::plan::Stage as BootStage;
 use crate::bootchain::BootchainError;
 use crate::catalog_fetch::CatalogFetcher;
+use crate::download::Live;
 use crate::identity::{self, AppleMode, DeviceIdentity};
-use crate::ipsw::{Ipsw, LocalFile, RemoteConfig, RemoteFile};
+use crate::ipsw::{Ipsw, LocalFile, PartialFile, RemoteConfig, RemoteFile};
 use crate::manifest::BuildManifest;
 use crate::personalize::{IpswSource, PersonalizeError, Personalizer, RestorePlan};
 use crate::restored::options::{random_uuid, StartRestoreParams};
@@ -47,7 +48,13 @@ struct Prepared {
     manifest: Arc<BuildManifest>,
     file: SharedFile,
     ipsw_name: String,
+    /// The download the IPSW is read from while it runs, if it was not complete in the cache.
+    download: Option<Arc<Live>>,
 }
+
+/// An opened IPSW: the reader, its name for messages, its manifest, and the download it is
+/// read from while it runs.
+type Firmware = (SharedFile, String, Arc<BuildManifest>, Option<Arc<Live>>);
 
 struct Run {
     cfg: Arc<EngineConfig>,
@@ -155,7 +162,10 @@ pub(super) async fn run(
     loop {
         let result = attempt(&mut run, &prepared, &device).await;
         let f = match result {
-            Ok(()) => return run.finish(Ok(())),
+            Ok(()) => {
+                let settled = settle_download(&mut run, &prepared).await;
+                return run.finish(settled);
+            }
             Err(f) => f,
         };
         if run.behavior != Behavior::Revive || !f.erase_could_fix {
@@ -239,10 +249,10 @@ async fn prepare(run: &mut Run, device: &DeviceInfo) -> Result<Prepared, Failure
     }
 
     run.stage(Stage::PickBuild);
-    let (file, ipsw_name, manifest) = match run.cfg.pin.clone() {
+    let (file, ipsw_name, manifest, download) = match run.cfg.pin.clone() {
         BuildPin::Ipsw(p) => {
             run.stage(Stage::Firmware);
-            open_firmware(&run.cfg, &p).await?
+            open_firmware(&run.cfg, &p, None, true).await?
         }
         pin => pick_from_catalog(run, &id, pin).await?,
     };
@@ -268,7 +278,32 @@ async fn prepare(run: &mut Run, device: &DeviceInfo) -> Result<Prepared, Failure
         manifest,
         file,
         ipsw_name,
+        download,
     })
+}
+
+/// After a restore that read the IPSW while it downloaded: wait for the download's SHA-1
+/// check, which decides the result (see [`super::firmware`]).
+async fn settle_download(run: &mut Run, p: &Prepared) -> Result<(), Failure> {
+    let Some(live) = p.download.clone() else {
+        return Ok(());
+    };
+    if live.outcome().is_none() {
+        run.message(
+            "the Mac is restored; waiting for the firmware download to finish so its SHA-1 can be checked",
+        );
+    }
+    let end = off_runtime(move || live.wait_end()).await.map_err(worker)?;
+    let settled = super::firmware::settle(&end);
+    match &settled {
+        Ok(Some(note)) => {
+            run.message(note.clone());
+            run.report.firmware_download = Some(note.clone());
+        }
+        Ok(None) => {}
+        Err(f) => run.report.firmware_download = Some(f.cause.clone()),
+    }
+    settled.map(|_| ())
 }
 
 async fn read_identity(run: &Run, device: &DeviceInfo) -> Result<DeviceIdentity, Failure> {
@@ -318,16 +353,36 @@ fn file_name_of(url: &str) -> String {
     }
 }
 
-/// The IPSW at `p`: a local file, the cached copy of a URL, or the URL read remotely.
+/// The IPSW at `p`: a local file, the cached copy of a URL, the URL read while it downloads
+/// into the cache (`download`, with a cache directory), or the URL read remotely.
 async fn open_firmware(
     cfg: &EngineConfig,
     p: &PathOrUrl,
-) -> Result<(SharedFile, String, Arc<BuildManifest>), Failure> {
+    sha1: Option<[u8; 20]>,
+    download: bool,
+) -> Result<Firmware, Failure> {
     let cfg2 = cfg.clone();
     let p = p.clone();
+    let live = match (&p, &cfg.cache_dir) {
+        (PathOrUrl::Url(url), Some(dir)) if download && !dir.join(file_name_of(url)).is_file() => {
+            let live = cfg
+                .downloads
+                .join_or_start(url, dir, sha1, &cfg.http, &cfg.download)
+                .map_err(|e| {
+                    Failure::new(
+                        format!("cannot start downloading {url}: {e}"),
+                        "check the URL and the cache directory, or give a local IPSW with --ipsw",
+                    )
+                })?;
+            Some(live)
+        }
+        _ => None,
+    };
+    let live2 = live.clone();
+    let read_ahead = cfg.download.read_ahead;
     off_runtime(move || -> Result<_, Failure> {
-        let (file, name): (SharedFile, String) = match &p {
-            PathOrUrl::Path(path) => {
+        let (file, name): (SharedFile, String) = match (&p, live2.clone()) {
+            (PathOrUrl::Path(path), _) => {
                 let f = LocalFile::open(path).map_err(|e| {
                     Failure::new(
                         format!("cannot open the IPSW {}: {e}", path.display()),
@@ -336,7 +391,17 @@ async fn open_firmware(
                 })?;
                 (SharedFile(Arc::new(f)), path.display().to_string())
             }
-            PathOrUrl::Url(url) => {
+            (PathOrUrl::Url(url), Some(live)) => {
+                let f = PartialFile::open(live, read_ahead).map_err(|e| {
+                    Failure::new(
+                        format!("cannot download {url}: {e}"),
+                        "check the station's network (cable, DNS, proxy) and the cache directory, or give a local IPSW with --ipsw",
+                    )
+                })?;
+                info!("reading {} while it downloads", f.path().display());
+                (SharedFile(Arc::new(f)), url.clone())
+            }
+            (PathOrUrl::Url(url), None) => {
                 let cached = cfg2
                     .cache_dir
                     .as_ref()
@@ -387,7 +452,7 @@ async fn open_firmware(
                 "download the IPSW again",
             )
         })?;
-        Ok((file, name, Arc::new(manifest)))
+        Ok((file, name, Arc::new(manifest), live2))
     })
     .await
     .map_err(worker)?
@@ -425,7 +490,7 @@ async fn pick_from_catalog(
     run: &mut Run,
     id: &DeviceIdentity,
     pin: BuildPin,
-) -> Result<(SharedFile, String, Arc<BuildManifest>), Failure> {
+) -> Result<Firmware, Failure> {
     let Some(model) = id.model else {
         return Err(Failure::new(
             "this Mac is not in macrescue's model table, so its builds cannot be looked up",
@@ -494,7 +559,9 @@ async fn pick_from_catalog(
             }
             None => PathOrUrl::Url(entry.url.clone()),
         };
-        let (file, name, manifest) = open_firmware(&run.cfg, &source).await?;
+        // Candidates are only looked at (manifest, signing); the chosen one is downloaded
+        // unless it is already on the station.
+        let (file, name, manifest, _) = open_firmware(&run.cfg, &source, None, false).await?;
         let board = model.board_config;
         let plan = RestorePlan::new(&manifest, board, Behavior::Revive.manifest())
             .map_err(|e| Failure::new(e.to_string(), "pick another build, or use --ipsw"))?;
@@ -508,7 +575,17 @@ async fn pick_from_catalog(
                     "macOS {} ({}) is signed for this Mac",
                     entry.version, entry.build
                 ));
-                return Ok((file, name, manifest));
+                if run.cfg.cache_dir.is_some() && matches!(source, PathOrUrl::Url(_)) {
+                    drop(file);
+                    return open_firmware(
+                        &run.cfg,
+                        &PathOrUrl::Url(entry.url.clone()),
+                        entry.sha1,
+                        true,
+                    )
+                    .await;
+                }
+                return Ok((file, name, manifest, None));
             }
             Ok(Signing::NotSigned { status, message }) => {
                 run.message(format!(

@@ -12,6 +12,7 @@
 
 mod context;
 pub mod failure;
+mod firmware;
 mod flow;
 mod report;
 
@@ -26,6 +27,7 @@ use crate::usb::{DeviceInfo, UsbBus};
 
 pub use context::EngineContext;
 pub use failure::Failure;
+pub use firmware::{DownloadHub, DownloadTuning};
 pub use report::{EraseRecord, MacReport, StageTiming};
 
 /// Which macOS build to install.
@@ -90,10 +92,14 @@ impl Default for Timeouts {
 #[derive(Debug, Clone, Default)]
 pub struct EngineConfig {
     /// Where IPSWs are kept (`<cache>/<file name of the URL>`); `None`: stream from the URL.
+    /// A missing IPSW is downloaded there while the Mac is restored from the partial file.
     pub cache_dir: Option<PathBuf>,
     /// Other places with IPSWs (USB disks the init mounted under `/media`): a catalog build is
     /// taken from there, or from `cache_dir`, when a file's BuildManifest matches the Mac.
     pub local_ipsw_dirs: Vec<PathBuf>,
+    pub download: DownloadTuning,
+    /// Running downloads, shared by every Mac restored with this configuration.
+    pub downloads: Arc<DownloadHub>,
     pub catalog: CatalogFetchConfig,
     pub tss: TssClientConfig,
     pub http: HttpConfig,

@@ -82,6 +82,9 @@ pub struct MacReport {
     /// Failure of the revive when an erase followed (the final `failure` is the erase's).
     pub revive_failure: Option<FailureRecord>,
     pub erase_decision: Option<EraseRecord>,
+    /// When the IPSW was downloaded during the restore: how that download ended (checked
+    /// against the catalog's SHA-1 or not, or why the restore's result is a failure).
+    pub firmware_download: Option<String>,
     pub started: f64,
     pub finished: f64,
 }
@@ -110,6 +113,7 @@ impl MacReport {
             failure: None,
             revive_failure: None,
             erase_decision: None,
+            firmware_download: None,
             started: now,
             finished: now,
         }

@@ -2,11 +2,13 @@
 //! [`RandomAccess`] source, so the same code serves a local file and, later, a remote one.
 
 pub mod local_sources;
+mod partial;
 mod random_access;
 pub mod remote;
 pub mod zip;
 
 pub use local_sources::find_local_ipsw;
+pub use partial::{Arrivals, PartialFile};
 pub use random_access::{LocalFile, RandomAccess};
 pub use remote::{RemoteConfig, RemoteError, RemoteFile, RemoteStats};
 pub use zip::{EntryReader, Method, StoredEntry, ZipArchive, ZipEntry, ZipError};

@@ -144,6 +144,8 @@ pub struct SimMac {
     configuration: u8,
     alt: [u8; 2],
     received_bytes: u64,
+    /// usbmux bytes received since restore mode started.
+    restore_bytes: u64,
     /// `disconnect_at` fires on the first non-standard transfer of a stage.
     stage_touched: bool,
     boots: u64,
@@ -221,6 +223,7 @@ impl SimMac {
             configuration: 0,
             alt: [0; 2],
             received_bytes: 0,
+            restore_bytes: 0,
             stage_touched: false,
             boots: 0,
             port_nonce,
@@ -561,6 +564,17 @@ impl SimDevice for SimMac {
         };
         if !ok_ep || self.configuration != 1 {
             return Reply::Stall;
+        }
+        if matches!(self.firmware, Firmware::Restore(_)) {
+            let before = self.restore_bytes;
+            self.restore_bytes += data.len() as u64;
+            if let Some(limit) = self.faults.disconnect_in_restore_after_bytes {
+                if before < limit && self.restore_bytes > limit {
+                    tracing::info!(limit, "fault: Mac drops off the bus in restore mode");
+                    self.pending = Some(Next::Gone);
+                    return Reply::Stall;
+                }
+            }
         }
         if let Firmware::Restore(os) = &mut self.firmware {
             return match os {

@@ -88,6 +88,10 @@ pub struct Faults {
     /// Drop off the bus once this many payload bytes (DFU DNLOAD data plus bulk OUT data,
     /// counted over the whole session) have been received.
     pub disconnect_after_bytes: Option<u64>,
+    /// In restore mode: drop off the bus once this many usbmux bytes (bulk OUT, counted over
+    /// every restore-mode boot of this Mac) have been received — a cable pulled during the ASR
+    /// stream. Fires once.
+    pub disconnect_in_restore_after_bytes: Option<u64>,
     /// Stall every iBoot command (EP0 `40/00` or `40/01`) starting with this text, e.g. `"go"`
     /// or `"setenv auto-boot"` (the device model checks the prefix for any stage firmware; the
     /// simulated iBoot itself also matches the whole line or its first word).
@@ -112,6 +116,7 @@ impl Default for Faults {
         Faults {
             disconnect_at: None,
             disconnect_after_bytes: None,
+            disconnect_in_restore_after_bytes: None,
             stall_command: None,
             stall_dfu_request: None,
             start: None,
@@ -138,6 +143,7 @@ pub enum FaultError {
 }
 
 const KNOWN: &str = "disconnect-at=dfu|stage1|stage2|bootx, disconnect-after-bytes=N, \
+    disconnect-in-restore-after-bytes=N, \
     stall-command=TEXT, stall-dfu=getstatus|getstate|dnload|clrstatus|abort|N, \
     start=dfu|portdfu|recovery, change-nonce, refuse-ibss, no-crc-check, crc-check=on|off, \
     restore-pid=0xNNNN";
@@ -207,6 +213,15 @@ impl Faults {
                     expected: "a byte count",
                 })?)
             }
+            "disconnect-in-restore-after-bytes" => {
+                let v = need("a byte count")?;
+                self.disconnect_in_restore_after_bytes =
+                    Some(v.parse().map_err(|_| FaultError::BadValue {
+                        key: key.into(),
+                        value: v.into(),
+                        expected: "a byte count",
+                    })?)
+            }
             "stall-command" => self.stall_command = Some(need("an iBoot command")?.to_string()),
             "stall-dfu" => self.stall_dfu_request = Some(parse_dfu_request(need("a request")?)?),
             "start" => self.start = Some(need("dfu|portdfu|recovery")?.parse()?),
@@ -247,6 +262,7 @@ mod tests {
         let f = Faults::from_specs(&[
             "disconnect-at=stage1",
             "disconnect-after-bytes=100000",
+            "disconnect-in-restore-after-bytes=2097152",
             "stall-command=setenv auto-boot",
             "stall-dfu=getstatus",
             "start=portdfu",
@@ -261,6 +277,7 @@ mod tests {
             Faults {
                 disconnect_at: Some(Stage::Stage1),
                 disconnect_after_bytes: Some(100_000),
+                disconnect_in_restore_after_bytes: Some(2 << 20),
                 stall_command: Some("setenv auto-boot".into()),
                 stall_dfu_request: Some(3),
                 start: Some(StartMode::PortDfu),

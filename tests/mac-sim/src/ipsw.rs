@@ -71,6 +71,9 @@ pub struct IpswOptions {
     pub force_zip64: bool,
     /// OS image content: mostly zeros written as holes, so a multi-GiB IPSW costs little disk.
     pub sparse_os: bool,
+    /// More entries (path, content), stored after the generated ones: what a test's restore
+    /// asks for beyond the boot chain (e.g. the BootabilityBundle).
+    pub extra_entries: Vec<(String, Vec<u8>)>,
 }
 
 impl IpswOptions {
@@ -82,6 +85,7 @@ impl IpswOptions {
             deflate_os: false,
             force_zip64: false,
             sparse_os: false,
+            extra_entries: Vec::new(),
         }
     }
 }
@@ -432,6 +436,9 @@ pub fn make_ipsw(opts: &IpswOptions, out: &Path) -> Result<IpswSummary, IpswErro
             digests,
         );
         add((&mut zip, &mut entries), &path, &ticket::sign_im4m(&spec))?;
+    }
+    for (path, data) in &opts.extra_entries {
+        add((&mut zip, &mut entries), path, data)?;
     }
     let mut w = zip.finish()?;
     w.flush()?;
