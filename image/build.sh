@@ -106,7 +106,7 @@ elif [[ "$PLATFORM" == aarch64 && ! -f "$STUB" ]]; then
     # The amd64 systemd-boot-efi of the same release pins the version: same stub every build.
     (mkdir -p "$VM_CACHE/debs" && cd "$VM_CACHE/debs" &&
         apt-get download -qq systemd-boot-efi:arm64 2>&1 | grep -v unsandboxed >&2 || true)
-    deb="$(ls -t "$VM_CACHE"/debs/systemd-boot-efi_*_arm64.deb 2>/dev/null | head -1)"
+    deb="$(ls -t "$VM_CACHE"/debs/systemd-boot-efi_*_arm64.deb 2>/dev/null | head -1 || true)"
     [[ -n "$deb" ]] || die "apt-get download systemd-boot-efi:arm64 failed"
     dpkg-deb -x "$deb" "$VM_CACHE/systemd-boot-efi-arm64"
     [[ -f "$STUB" ]] || die "$deb has no linuxaa64.efi.stub"
@@ -182,6 +182,7 @@ INITRD="$PARTS/initramfs.cpio.zst"
     cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) |
     zstd -q -19 -T1 --no-check -f -o "$INITRD.tmp"
 mv "$INITRD.tmp" "$INITRD"
+echo "$SOURCE_DATE_EPOCH" >"$PARTS/source-date-epoch"
 
 # --- kernel command line -----------------------------------------------------------------------
 # The screen and a serial cable both get the station (init writes to every console).
@@ -230,12 +231,12 @@ else
 # Pi 4; a Pi 5 has it in its EEPROM) reads config.txt, loads the kernel, the initramfs and the
 # board's device tree from this partition and passes cmdline.txt.
 FWDIR="$VM_CACHE/raspi-firmware"
-FWDEB="$(ls -t "$VM_CACHE"/debs/raspi-firmware_*_all.deb 2>/dev/null | head -1)"
+FWDEB="$(ls -t "$VM_CACHE"/debs/raspi-firmware_*_all.deb 2>/dev/null | head -1 || true)"
 if [[ -z "$FWDEB" || ! -f "$FWDIR/.stamp" || "$(cat "$FWDIR/.stamp")" != "$(basename "$FWDEB")" ]]; then
     extra_apt arm64
     (mkdir -p "$VM_CACHE/debs" && cd "$VM_CACHE/debs" &&
         apt-get "${EXTRA_APT[@]}" download -qq raspi-firmware 2>&1 | grep -v unsandboxed >&2 || true)
-    FWDEB="$(ls -t "$VM_CACHE"/debs/raspi-firmware_*_all.deb 2>/dev/null | head -1)"
+    FWDEB="$(ls -t "$VM_CACHE"/debs/raspi-firmware_*_all.deb 2>/dev/null | head -1 || true)"
     [[ -n "$FWDEB" ]] || die "apt-get download raspi-firmware (non-free-firmware) failed"
     rm -rf "$FWDIR"
     dpkg-deb -x "$FWDEB" "$FWDIR"
