@@ -102,14 +102,6 @@ need_pkg mkfs.exfat exfatprogs
 need_pkg sfdisk fdisk
 if [[ "$ARCH" == x86_64 ]]; then
     need_pkg "$STUB" systemd-boot-efi
-elif [[ "$PLATFORM" == aarch64 && ! -f "$STUB" ]]; then
-    # The amd64 systemd-boot-efi of the same release pins the version: same stub every build.
-    (mkdir -p "$VM_CACHE/debs" && cd "$VM_CACHE/debs" &&
-        apt-get download -qq systemd-boot-efi:arm64 2>&1 | grep -v unsandboxed >&2 || true)
-    deb="$(ls -t "$VM_CACHE"/debs/systemd-boot-efi_*_arm64.deb 2>/dev/null | head -1 || true)"
-    [[ -n "$deb" ]] || die "apt-get download systemd-boot-efi:arm64 failed"
-    dpkg-deb -x "$deb" "$VM_CACHE/systemd-boot-efi-arm64"
-    [[ -f "$STUB" ]] || die "$deb has no linuxaa64.efi.stub"
 fi
 
 if [[ -z "${SOURCE_DATE_EPOCH:-}" ]]; then
@@ -122,6 +114,15 @@ T0="$(now_s)"
 MACRESCUE_KERNEL_DEST="$KDEST" MACRESCUE_VM_MODULES="$(echo $MODULES)" \
     "$VM_ROOT/ci/vm/kernel.sh" "$ARCH"
 KV="$(cat "$KDEST/kernel.version")"
+if [[ "$PLATFORM" == aarch64 && ! -f "$STUB" ]]; then
+    # kernel.sh added the arm64 dpkg architecture, so apt can fetch arm64 packages now.
+    (mkdir -p "$VM_CACHE/debs" && cd "$VM_CACHE/debs" &&
+        apt-get download -qq systemd-boot-efi:arm64 2>&1 | grep -v unsandboxed >&2 || true)
+    deb="$(ls -t "$VM_CACHE"/debs/systemd-boot-efi_*_arm64.deb 2>/dev/null | head -1 || true)"
+    [[ -n "$deb" ]] || die "apt-get download systemd-boot-efi:arm64 failed"
+    dpkg-deb -x "$deb" "$VM_CACHE/systemd-boot-efi-arm64"
+    [[ -f "$STUB" ]] || die "$deb has no linuxaa64.efi.stub"
+fi
 if [[ "${MACRESCUE_SKIP_BUILD:-0}" != 1 ]]; then
     if [[ "$ARCH" == x86_64 ]]; then
         "$VM_ROOT/ci/vm/static.sh" >/dev/null

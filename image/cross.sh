@@ -50,6 +50,10 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER="$CROSS-gcc"
 # No udev backend in libusb: the image has no udevd; netlink uevents deliver hotplug.
 export LIBUDEV_NO_PKG_CONFIG=1
 
+# The C parts never use __DATE__/__TIME__ (the only thing gcc takes SOURCE_DATE_EPOCH for),
+# but cc-rs makes every build script rerun when it changes, i.e. at every commit: keep it out.
+unset SOURCE_DATE_EPOCH
+
 cd "$VM_ROOT"
 T0="$(now_s)"
 log "cargo build --release --target $TARGET -p restore-agent -p macrescue-init"
@@ -58,7 +62,7 @@ cargo build --release --locked --target "$TARGET" -p macrescue-init >&2
 REL="$VM_ROOT/target/$TARGET/release"
 for b in restore-agent macrescue-init; do
     # A dynamic interpreter would mean the musl self-contained link did not happen.
-    if LC_ALL=C readelf -l "$REL/$b" 2>/dev/null | grep -q 'Requesting program interpreter'; then
+    if LC_ALL=C "$CROSS-readelf" -l "$REL/$b" 2>/dev/null | grep -q 'Requesting program interpreter'; then
         die "$REL/$b is dynamically linked"
     fi
 done
