@@ -59,9 +59,10 @@ DATA_MIB="${MACRESCUE_DATA_MIB:-64}"
 # Drivers a station needs: USB host controllers and mass storage (the stick itself, IPSW
 # disks), the data partition's file systems, common wired NICs, and vhci-hcd for the simulated
 # Mac in tests. Their dependency closure comes along.
-MODULES="usb-storage uas sd_mod vfat exfat nls_cp437 nls_ascii nls_utf8 nls_iso8859-1 vhci-hcd"
+MODULES="usb-storage uas sd_mod vfat exfat nls_cp437 nls_ascii nls_utf8 nls_iso8859-1"
 if [[ "$ARCH" == x86_64 ]]; then
-    MODULES="xhci-pci ehci-pci ohci-pci uhci-hcd $MODULES virtio_net virtio_pci e1000 e1000e r8169"
+    MODULES="xhci-pci ehci-pci ohci-pci uhci-hcd $MODULES virtio_net virtio_pci e1000 e1000e r8169
+     vhci-hcd"
     STUB=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
     OBJCOPY=objcopy
     EFI_BOOT=BOOTX64.EFI
@@ -78,7 +79,7 @@ else
     MODULES="xhci-pci xhci-plat-hcd ehci-pci ehci-platform ohci-pci ohci-platform dwc2 dwc3
      dwc3-of-simple reset-raspberrypi sdhci-iproc bcm2835 bcm2835_wdt $MODULES virtio_net virtio_mmio
      genet mdio-bcm-unimac broadcom bcm7xxx smsc95xx lan78xx r8169 e1000e r8152 cdc_ether
-     ax88179_178a usbhid hid-generic"
+     ax88179_178a usbhid hid-generic vhci-hcd"
     # Debian 12's arm64 kernel (6.1) has no Raspberry Pi 5 device tree; backports' has.
     export MACRESCUE_KERNEL_SUITE=backports
     # systemd-boot-efi:arm64 cannot be installed beside the amd64 one: unpacked from its .deb.
