@@ -90,7 +90,6 @@ let
         mkdir -p $out
         ln -s ${agent}/bin/restore-agent $out/restore-agent
         ln -s ${init}/bin/macrescue-init $out/macrescue-init
-        ln -s ${init}/bin/macrescue-datapart $out/macrescue-datapart
       '';
       stub = "${t.systemd}/lib/systemd/boot/efi/linux${efiArch.${arch}}.efi.stub";
       # KIND: x86_64 | aarch64 (UEFI USB stick) | rpi (Raspberry Pi 4/5 SD card).
@@ -114,6 +113,8 @@ let
           export MACRESCUE_OUT=$TMPDIR/out
           export MACRESCUE_KERNEL_DIR=${kernelDir} MACRESCUE_BIN_DIR=${bins}
           export MACRESCUE_EFI_STUB=${stub}
+          # The data partition is formatted on the build machine: its own macrescue-datapart.
+          export MACRESCUE_DATAPART=${here.init}/bin/macrescue-datapart
           export MACRESCUE_RPI_FIRMWARE=${pkgs.raspberrypifw}/share/raspberrypi/boot
           export MACRESCUE_IMAGE_OUT=$out/parts MACRESCUE_IMAGE=$out/macrescue-${kind}.img
           bash image/build.sh ${kind}

@@ -7,8 +7,11 @@
 #   out/vm/ARCH/busybox       static busybox
 #   out/vm/ARCH/kernel.version
 #   out/vm/ARCH/vmlinuz       the kernel as Debian ships it (EFI-stub bzImage / Image), for images
+#   out/vm/ARCH/dtbs/         aarch64: the Broadcom (Raspberry Pi) device trees
 # env: MACRESCUE_VM_MODULES (vhci-hcd) modules whose closure to keep
 #      MACRESCUE_KERNEL_DEST           output dir instead of out/vm/ARCH (image/ keeps its own set)
+#      MACRESCUE_KERNEL_SUITE=backports  the kernel from this release's backports (private
+#                                      package lists, see extra_apt in lib.sh); busybox stays
 # Downloads are cached in out/cache/debs; re-running with the same kernel does nothing.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -39,12 +42,21 @@ if ! apt-cache show "linux-image-$DEB_ARCH$SUFFIX" >/dev/null 2>&1; then
     apt-get update -qq >&2
 fi
 
+# Where the kernel comes from: the system's lists, or backports through private lists.
+KAPT=()
+KSUFFIX="$SUFFIX"
+case "${MACRESCUE_KERNEL_SUITE:-}" in
+    "") ;;
+    backports) extra_apt "$DEB_ARCH"; KAPT=("${EXTRA_APT[@]}"); KSUFFIX="" ;;
+    *) die "MACRESCUE_KERNEL_SUITE must be empty or backports" ;;
+esac
+
 # The ABI number (6.1.0-NN) changes with every Debian kernel update and old ones leave the
 # mirror, so resolve it through the meta package every time.
-PKG="$(apt-cache depends "linux-image-$DEB_ARCH$SUFFIX" |
+PKG="$(apt-cache "${KAPT[@]}" depends "linux-image-$DEB_ARCH$KSUFFIX" |
     awk '/Depends: linux-image-[0-9]/ { sub(/:.*/, "", $2); print $2; exit }')"
 [[ -n "$PKG" ]] || die "cannot resolve linux-image-$DEB_ARCH to a versioned kernel package"
-VERSION="$(apt-cache policy "$PKG$SUFFIX" | awk '/Candidate:/ { print $2; exit }')"
+VERSION="$(apt-cache "${KAPT[@]}" policy "$PKG$KSUFFIX" | awk '/Candidate:/ { print $2; exit }')"
 KV="${PKG#linux-image-}"
 STAMP="$PKG $VERSION $MODULES"
 
@@ -61,7 +73,11 @@ mkdir -p "$DEBS"
             { [[ "$p" == "$PKG" ]] && ! ls "${p}_${VERSION//:/%3a}_${DEB_ARCH}.deb" >/dev/null 2>&1; }; then
             log "apt-get download $p$SUFFIX"
             # As root apt warns that the download is unsandboxed; that is expected here.
-            apt-get download -qq "$p$SUFFIX" 2>&1 | grep -v 'unsandboxed' >&2 || true
+            if [[ "$p" == "$PKG" ]]; then
+                apt-get "${KAPT[@]}" download -qq "$p$KSUFFIX" 2>&1 | grep -v 'unsandboxed' >&2 || true
+            else
+                apt-get download -qq "$p$SUFFIX" 2>&1 | grep -v 'unsandboxed' >&2 || true
+            fi
         fi
     done
 )
@@ -119,6 +135,12 @@ if [[ "$ARCH" == x86_64 ]]; then
     fi
 else
     cp "$VMLINUZ" "$DEST/kernel"
+fi
+if [[ "$ARCH" == aarch64 ]]; then
+    # Device trees for boards whose firmware loads them from the boot partition (Raspberry Pi).
+    rm -rf "$DEST/dtbs"
+    mkdir -p "$DEST/dtbs"
+    find "$WORK/k" -path "*/linux-image-$KV/broadcom/*.dtb" -exec cp {} "$DEST/dtbs/" \;
 fi
 echo "$KV" >"$DEST/kernel.version"
 rm -rf "$WORK"

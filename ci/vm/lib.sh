@@ -68,3 +68,41 @@ run_vm_test() {
     if [[ $rc -eq 0 ]]; then log "$name test PASSED"; else log "$name test FAILED"; fi
     return $rc
 }
+
+# extra_apt DEB_ARCH: sets EXTRA_APT to apt-get/apt-cache options for a private package index
+# of this Debian release's backports (main) and non-free-firmware components for DEB_ARCH,
+# kept in out/cache/apt-extra-DEB_ARCH beside (never instead of) the system's own lists. The
+# arm64 images take the kernel from backports (Raspberry Pi 5 device tree) and the Pi's boot
+# firmware from non-free-firmware; neither is in a stock Debian 12 sources list. The mirror is
+# the one the system's sources already use.
+extra_apt() {
+    local arch="$1" dir="$VM_CACHE/apt-extra-$1" codename mirror
+    codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+    [[ -n "$codename" ]] || die "cannot tell the Debian release from /etc/os-release"
+    # deb822 paragraphs (URIs:/Suites:) or one-line "deb URI SUITE ..." entries.
+    mirror="$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null |
+        awk -v c="$codename" 'BEGIN { RS = "" } { u = ""; s = 0
+            n = split($0, l, "\n"); for (i = 1; i <= n; i++) {
+                if (l[i] ~ /^URIs:/) { split(l[i], f, " "); u = f[2] }
+                if (l[i] ~ /^Suites:/) { m = split(l[i], f, " "); for (j = 2; j <= m; j++) if (f[j] == c) s = 1 } }
+            if (s && u != "") { print u; exit } }')"
+    [[ -n "$mirror" ]] || mirror="$(awk -v c="$codename" '$1 == "deb" && $3 == c { print $2; exit }' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)"
+    [[ -n "$mirror" ]] || die "no Debian mirror for $codename in /etc/apt/sources.list*"
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+    local want="deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $codename-backports main
+deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $codename non-free-firmware"
+    [[ -f "$dir/sources.list" && "$(cat "$dir/sources.list")" == "$want" ]] || {
+        echo "$want" >"$dir/sources.list"
+        rm -f "$dir/lists/"*_Packages* 2>/dev/null || true
+    }
+    EXTRA_APT=(-o "Dir::Etc::sourcelist=$dir/sources.list" -o Dir::Etc::sourceparts=-
+        -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache"
+        -o "APT::Architecture=$arch" -o "APT::Architectures::=$arch")
+    # Refreshed once per run: a kernel update in backports replaces the old package at once.
+    if [[ "${EXTRA_APT_UPDATED:-}" != "$arch" ]]; then
+        log "apt-get update ($codename-backports, non-free-firmware for $arch, private lists)"
+        apt-get "${EXTRA_APT[@]}" update -qq >&2
+        export EXTRA_APT_UPDATED="$arch"
+    fi
+}

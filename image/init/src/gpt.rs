@@ -282,7 +282,7 @@ pub fn plan_gpt(
             data: new_entries,
         },
     ];
-    if let Some(pmbr) = protective_mbr(mbr, disk_sectors) {
+    if let Some(pmbr) = updated_mbr(mbr, disk_sectors, first, new_last) {
         writes.push(Write {
             offset: 0,
             data: pmbr,
@@ -320,15 +320,30 @@ pub fn find(entries: &[u8], entry_size: usize, name: &str) -> Option<(u64, u64)>
         .map(|e| (le64(e, 32), le64(e, 40)))
 }
 
-/// LBA 0 with its protective (0xEE) entry covering the new disk, if it has one.
-fn protective_mbr(mbr: &[u8], disk_sectors: u64) -> Option<Vec<u8>> {
-    if mbr.len() < 512 || mbr[510..512] != [0x55, 0xAA] || mbr[446 + 4] != 0xEE {
+/// LBA 0 after the growth, if it changes: a protective (0xEE) first entry now covers the new
+/// disk, and in a hybrid MBR (the Raspberry Pi card: the firmware and Windows read the MBR,
+/// Linux the GPT) the entry that starts where the grown partition starts grows with it — else
+/// those readers would see the old, smaller partition under a file system that says it is
+/// bigger, and could write past its end.
+fn updated_mbr(mbr: &[u8], disk_sectors: u64, first: u64, new_last: u64) -> Option<Vec<u8>> {
+    if mbr.len() < 512 || mbr[510..512] != [0x55, 0xAA] {
         return None;
     }
     let mut m = mbr.to_vec();
-    let size = (disk_sectors - 1).min(u64::from(u32::MAX)) as u32;
-    put32(&mut m, 446 + 12, size);
-    Some(m)
+    if m[446 + 4] == 0xEE {
+        let size = (disk_sectors - 1).min(u64::from(u32::MAX)) as u32;
+        put32(&mut m, 446 + 12, size);
+    }
+    for i in 0..4 {
+        let e = 446 + 16 * i;
+        let kind = m[e + 4];
+        if kind == 0 || kind == 0xEE || u64::from(le32(&m, e + 8)) != first {
+            continue;
+        }
+        let size = (new_last - first + 1).min(u64::from(u32::MAX)) as u32;
+        put32(&mut m, e + 12, size);
+    }
+    (m != mbr[..512]).then_some(m)
 }
 
 /// Plan growing MBR partition `number` (1–4, primary) to the end of the disk (Raspberry Pi SD
@@ -497,6 +512,40 @@ mod tests {
         assert_ne!(&d[((BUILT - 1) * SS) as usize..][..8], b"EFI PART");
         // A second run finds nothing to do.
         assert_eq!(plan(&d, big).unwrap(), None);
+    }
+
+    /// Regression: on the Raspberry Pi card's hybrid MBR (boot FAT, data exFAT, 0xEE over the
+    /// GPT), growing the GPT partition left the MBR's data entry at its old size.
+    #[test]
+    fn grows_the_matching_entry_of_a_hybrid_mbr() {
+        let mut d = disk(BUILT);
+        let entry = |d: &mut [u8], i: usize, start: u32, size: u32, kind: u8| {
+            let e = 446 + 16 * i;
+            d[e..e + 16].fill(0);
+            d[e + 4] = kind;
+            put32(d, e + 8, start);
+            put32(d, e + 12, size);
+        };
+        entry(&mut d, 0, 2048, 131072, 0x0c);
+        entry(&mut d, 1, 133120, 131072, 0x07);
+        entry(&mut d, 2, 1, 2047, 0xEE);
+        let big = BUILT + 256 * 2048;
+        d.resize((big * SS) as usize, 0);
+        let g = plan(&d, big).unwrap().unwrap();
+        apply(&mut d, &g);
+        let size = |d: &[u8], i: usize| le32(d, 446 + 16 * i + 12);
+        assert_eq!(size(&d, 0), 131072, "boot entry untouched");
+        assert_eq!(
+            u64::from(size(&d, 1)),
+            g.new_last_lba - g.first_lba + 1,
+            "data entry follows the GPT partition"
+        );
+        assert_eq!(
+            size(&d, 2),
+            2047,
+            "the hybrid's 0xEE entry only covers the GPT"
+        );
+        assert_eq!(le32(&d, 446 + 16 + 8), 133120);
     }
 
     #[test]
