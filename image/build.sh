@@ -143,7 +143,11 @@ mv "$INITRD.tmp" "$INITRD"
 # --- unified kernel image ----------------------------------------------------------------------
 # console=tty0 and ttyS0: the screen and a serial cable both get the station (init writes to
 # every console). panic=10: a station that crashes comes back by itself.
+# macrescue.modules: the stick's storage stack loads while the host controllers come up, not
+# after the stick appears; usb-storage.delay_use=0: probe the stick when it enumerates, not a
+# second later (the init rescans SCSI hosts if a slow stick showed no disk; image/README.md).
 CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10 macrescue.station=\"$STATION\""
+CMDLINE+=" macrescue.modules=usb-storage,uas,sd_mod,exfat usb-storage.delay_use=0"
 [[ "$KIND" == station ]] || CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10"
 CMDLINE+="${MACRESCUE_KERNEL_ARGS:+ $MACRESCUE_KERNEL_ARGS}"
 printf '%s' "$CMDLINE" >"$STAGE/cmdline.txt"
