@@ -226,6 +226,13 @@ fn run() -> anyhow::Result<()> {
                 for e in settings.apply_config(&entries) {
                     warn!("{CONFIG}: {e}");
                 }
+                // Modules the owner listed in the config file (the image's are loaded already
+                // and skipped).
+                for m in &settings.modules {
+                    if let Err(e) = loader.load_name_or_alias(m) {
+                        warn!("{CONFIG}: {e}");
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 debug!("no {CONFIG}; using the image's settings")
