@@ -209,8 +209,11 @@ echo "$SOURCE_DATE_EPOCH" >"$PARTS/source-date-epoch"
 # --- kernel command line -----------------------------------------------------------------------
 # The screen and a serial cable both get the station (init writes to every console).
 # panic=10: a station that crashes comes back by itself.
+# macrescue.modules: the stick's storage stack loads while the host controllers come up, not
+# after the stick appears; usb-storage.delay_use=0: probe the stick when it enumerates, not a
+# second later (the init rescans SCSI hosts if a slow stick showed no disk; image/README.md).
 CMDLINE="$CONSOLES quiet loglevel=4 panic=10"
-[[ "$KIND" != station ]] || CMDLINE+=" macrescue.station=\"$STATION\""
+[[ "$KIND" != station ]] || CMDLINE+=" macrescue.station=\"$STATION\" macrescue.modules=usb-storage,uas,sd_mod,exfat usb-storage.delay_use=0"
 CMDLINE+="${MACRESCUE_KERNEL_ARGS:+ $MACRESCUE_KERNEL_ARGS}"
 printf '%s' "$CMDLINE" >"$STAGE/cmdline.txt"
 VMLINUZ="$KDEST/vmlinuz"

@@ -70,6 +70,21 @@ pub fn scan(sys_class_block: &Path) -> Vec<Partition> {
     parts
 }
 
+/// Ask every SCSI host (USB sticks are SCSI hosts) to scan for devices again (edge: sysfs).
+///
+/// The image boots with `usb-storage.delay_use=0`, so the stick is probed the moment it
+/// enumerates instead of a second later; a stick that is not ready that early answers nothing
+/// and gets no disk. A rescan (what the kernel's delayed scan would have been) finds it then.
+/// Hosts whose devices are already there are unaffected. Returns how many hosts were asked.
+pub fn rescan_scsi_hosts(sys_class_scsi_host: &Path) -> usize {
+    let Ok(dir) = std::fs::read_dir(sys_class_scsi_host) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| std::fs::write(e.path().join("scan"), "- - -").is_ok())
+        .count()
+}
+
 /// `/dev/NAME` for a partition.
 pub fn node(p: &Partition) -> PathBuf {
     Path::new("/dev").join(&p.devname)

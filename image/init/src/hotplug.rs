@@ -3,7 +3,8 @@
 //! The socket is opened before coldplug so no device added while coldplug runs is missed.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use nix::sys::socket::{
     bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
@@ -73,5 +74,70 @@ impl UeventSocket {
                     }
                 }
             })
+    }
+}
+
+/// Wakes a thread waiting for a device (the data partition) when the kernel announces one,
+/// instead of it polling sysfs: under emulation every 100 ms poll period is boot time lost.
+#[derive(Default)]
+pub struct Wakeup {
+    /// Events seen so far; a waiter compares against the count it last saw, so an event that
+    /// arrives between its sysfs scan and its wait is not lost.
+    seen: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Wakeup {
+    pub fn notify(&self) {
+        if let Ok(mut n) = self.seen.lock() {
+            *n += 1;
+            self.cv.notify_all();
+        }
+    }
+
+    /// The current count, to pass to [`Wakeup::wait_past`] after looking.
+    pub fn count(&self) -> u64 {
+        self.seen.lock().map(|n| *n).unwrap_or(0)
+    }
+
+    /// Wait until an event after `seen` arrives or `timeout` passes; returns the new count.
+    pub fn wait_past(&self, seen: u64, timeout: Duration) -> u64 {
+        let Ok(guard) = self.seen.lock() else {
+            std::thread::sleep(timeout);
+            return seen;
+        };
+        match self.cv.wait_timeout_while(guard, timeout, |n| *n == seen) {
+            Ok((n, _)) => *n,
+            Err(_) => seen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notify_before_the_wait_is_not_lost() {
+        let w = Wakeup::default();
+        let seen = w.count();
+        w.notify();
+        assert_eq!(w.wait_past(seen, Duration::from_secs(30)), seen + 1);
+    }
+
+    #[test]
+    fn a_notify_from_another_thread_ends_the_wait() {
+        let w = Arc::new(Wakeup::default());
+        let seen = w.count();
+        let n = w.clone();
+        let h = std::thread::spawn(move || n.notify());
+        assert_eq!(w.wait_past(seen, Duration::from_secs(30)), seen + 1);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn without_events_the_wait_times_out_unchanged() {
+        let w = Wakeup::default();
+        assert_eq!(w.wait_past(w.count(), Duration::from_millis(1)), 0);
     }
 }

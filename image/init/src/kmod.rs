@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use thiserror::Error;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::modalias::AliasTable;
 use crate::moddep::{name_of, DepError, ModDep};
@@ -133,7 +133,9 @@ impl Loader {
                 ModuleInitFlags::empty()
             };
             match finit_module(&file, &self.params_for(&module), flags) {
-                Ok(()) => info!("loaded module {module}"),
+                // debug, not info: two dozen lines on a framebuffer console cost boot time
+                // under emulation, and the technician needs only what failed.
+                Ok(()) => debug!("loaded module {module}"),
                 // Another thread or the kernel's request_module() got there first.
                 Err(Errno::EEXIST) => debug!("module {module} already loaded"),
                 Err(errno) => return Err(KmodError::Load { path, errno }),
@@ -144,8 +146,15 @@ impl Loader {
 
     /// Coldplug: load drivers for every device already present under `sys_devices`.
     pub fn coldplug(&self, sys_devices: &Path) -> usize {
+        self.coldplug_where(sys_devices, |_| true)
+    }
+
+    /// Coldplug only the devices whose modalias `wanted` accepts (the boot loads
+    /// [`is_usb_host`] first: the stick is behind one); already loaded drivers are skipped.
+    pub fn coldplug_where(&self, sys_devices: &Path, wanted: impl Fn(&str) -> bool) -> usize {
         let mut aliases = Vec::new();
         collect_modaliases(sys_devices, &mut aliases, 0);
+        aliases.retain(|a| wanted(a));
         aliases.sort();
         aliases.dedup();
         // One thread per device: module init (a host controller starting its ports) is slow
@@ -160,6 +169,12 @@ impl Loader {
             handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
         })
     }
+}
+
+/// A PCI USB host controller (class 0x0C, subclass 0x03: UHCI, OHCI, EHCI, xHCI): the boot
+/// stick and the Mac are behind one.
+pub fn is_usb_host(modalias: &str) -> bool {
+    modalias.starts_with("pci:") && modalias.contains("bc0Csc03")
 }
 
 /// `/sys/module/NAME/initstate` exists once a loadable module is live (or coming).
@@ -191,5 +206,31 @@ fn collect_modaliases(dir: &Path, out: &mut Vec<String>, depth: usize) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usb_host_controllers_are_told_from_other_pci_devices() {
+        // QEMU's qemu-xhci and an Intel EHCI, as their sysfs modalias files read.
+        assert!(is_usb_host(
+            "pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30"
+        ));
+        assert!(is_usb_host(
+            "pci:v00008086d00001E2Dsv00001043sd00008477bc0Csc03i20"
+        ));
+        // virtio-net (class 02), an SMBus controller (0C05), a USB device itself.
+        assert!(!is_usb_host(
+            "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00"
+        ));
+        assert!(!is_usb_host(
+            "pci:v00008086d00002930sv00001AF4sd00001100bc0Csc05i00"
+        ));
+        assert!(!is_usb_host(
+            "usb:v46F4p0001d0000dc00dsc00dp00ic08isc06ip50in00"
+        ));
     }
 }

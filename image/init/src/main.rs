@@ -9,11 +9,14 @@ use std::os::fd::AsFd;
 use anyhow::Context;
 use macrescue_init::backoff::Backoff;
 use macrescue_init::consoles::{parse_proc_consoles, ConsoleWriter, Consoles};
-use macrescue_init::hotplug::UeventSocket;
+use macrescue_init::hotplug::{UeventSocket, Wakeup};
 use macrescue_init::kmod::Loader;
 use macrescue_init::settings::Settings;
 use macrescue_init::shutdown::{self, Action};
-use macrescue_init::{cmdline, config, datapart, growpart, markers, mounts, netif, supervisor};
+use macrescue_init::uevent::Uevent;
+use macrescue_init::{
+    cmdline, config, datapart, growpart, kmod, markers, mounts, netif, supervisor,
+};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -23,6 +26,9 @@ use tracing::{debug, info, warn};
 
 const DATA_DIR: &str = "/data";
 const CONFIG: &str = "/data/macrescue/config.toml";
+/// When a stick probed at once (`usb-storage.delay_use=0`) has shown no disk yet, scan again:
+/// a second later than the kernel's default probe delay would have.
+const SCSI_RESCAN_AFTER: Duration = Duration::from_secs(2);
 
 fn main() {
     let argv0 = std::env::args().next().unwrap_or_default();
@@ -135,31 +141,81 @@ fn run() -> anyhow::Result<()> {
     let loader = Arc::new(
         Loader::open(Path::new("/"), release.trim()).with_params(cmdline::module_params(&line)),
     );
+    // Block-device uevents wake the wait for the data partition (no sysfs polling).
+    let block_events = Arc::new(Wakeup::default());
     match UeventSocket::open() {
         Ok(sock) => {
             let media = macrescue_init::media::Media::new(settings.data_label.clone());
-            if let Err(e) = sock.spawn(loader.clone(), move |ev| media.handle(ev)) {
+            let wake = block_events.clone();
+            let on_event = move |ev: &Uevent| {
+                if ev.get("SUBSYSTEM") == Some("block") {
+                    wake.notify();
+                }
+                media.handle(ev)
+            };
+            if let Err(e) = sock.spawn(loader.clone(), on_event) {
                 warn!("cannot start the hotplug thread: {e}");
             }
         }
         Err(e) => warn!("cannot listen for uevents ({e}); hotplugged devices will get no drivers"),
     }
-    for m in &settings.modules {
-        if let Err(e) = loader.load_name_or_alias(m) {
-            warn!("{e}");
+    // Drivers load in the background while the init waits for the data partition: the boot
+    // is as long as the path to /data (host controller, stick, SCSI disk, file system), not
+    // that plus every other driver. The image's extra modules (the stick's storage stack) load
+    // alongside coldplug, so they are live when the stick enumerates instead of being loaded
+    // one after another by the hotplug thread then.
+    let drivers = {
+        let loader = loader.clone();
+        let extra = settings.modules.clone();
+        let load = move || {
+            let t = Instant::now();
+            // First the path to /data alone: USB host controllers and the storage stack. Module
+            // loading is CPU-bound (signature check, relocation), and on a slow or emulated CPU
+            // the NIC's drivers would share the CPU with that critical path; they load next,
+            // while the stick enumerates.
+            let first = std::thread::scope(|s| {
+                for m in &extra {
+                    let loader = &loader;
+                    s.spawn(move || {
+                        if let Err(e) = loader.load_name_or_alias(m) {
+                            warn!("{e}");
+                        }
+                    });
+                }
+                loader.coldplug_where(Path::new("/sys/devices"), kmod::is_usb_host)
+            });
+            let matched =
+                first + loader.coldplug_where(Path::new("/sys/devices"), |a| !kmod::is_usb_host(a));
+            info!(
+                "coldplug: {matched} driver matches in {} ms",
+                t.elapsed().as_millis()
+            );
+        };
+        std::thread::Builder::new()
+            .name("coldplug".into())
+            .spawn(load)
+            .map_err(|e| warn!("cannot start the coldplug thread ({e}); loading drivers first"))
+            .ok()
+    };
+    if drivers.is_none() {
+        // The closure moved into the failed spawn; load on this thread instead.
+        for m in &settings.modules {
+            if let Err(e) = loader.load_name_or_alias(m) {
+                warn!("{e}");
+            }
         }
+        let matched = loader.coldplug(Path::new("/sys/devices"));
+        info!("coldplug: {matched} driver matches");
     }
-    let t = Instant::now();
-    let matched = loader.coldplug(Path::new("/sys/devices"));
-    info!(
-        "coldplug: {matched} driver matches in {} ms",
-        t.elapsed().as_millis()
-    );
 
     let data = settings
         .data_label
         .clone()
-        .and_then(|label| mount_data(&label, settings.data_wait, &loader, consoles));
+        .and_then(|label| mount_data(&label, settings.data_wait, &loader, consoles, &block_events));
+    // The station starts with every coldplugged driver in place (its NIC, the Mac's port).
+    if let Some(h) = drivers {
+        let _ = h.join();
+    }
     if data.is_some() {
         match std::fs::read_to_string(CONFIG) {
             Ok(text) => {
@@ -169,6 +225,13 @@ fn run() -> anyhow::Result<()> {
                 }
                 for e in settings.apply_config(&entries) {
                     warn!("{CONFIG}: {e}");
+                }
+                // Modules the owner listed in the config file (the image's are loaded already
+                // and skipped).
+                for m in &settings.modules {
+                    if let Err(e) = loader.load_name_or_alias(m) {
+                        warn!("{CONFIG}: {e}");
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -186,14 +249,26 @@ fn mount_data(
     wait: Duration,
     loader: &Loader,
     consoles: &Consoles,
+    block_events: &Wakeup,
 ) -> Option<PathBuf> {
-    let deadline = Instant::now() + wait;
+    let start = Instant::now();
+    let deadline = start + wait;
+    let mut rescanned = false;
     let part = loop {
+        let seen = block_events.count();
         let parts = datapart::scan(Path::new("/sys/class/block"));
         if let Some(p) = datapart::select(&parts, label) {
             break p.clone();
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if !rescanned && now >= start + SCSI_RESCAN_AFTER {
+            rescanned = true;
+            let hosts = datapart::rescan_scsi_hosts(Path::new("/sys/class/scsi_host"));
+            if hosts > 0 {
+                info!("no partition {label} yet: asked {hosts} USB/SCSI hosts to scan again");
+            }
+        }
+        if now >= deadline {
             consoles.write_all_consoles(
                 format!(
                     "{} named {label} (waited {} s); IPSWs will be streamed and nothing kept\n",
@@ -204,7 +279,9 @@ fn mount_data(
             );
             return None;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Woken by the hotplug thread's block uevents; the timeout covers a dead uevent socket.
+        let left = deadline.saturating_duration_since(now);
+        block_events.wait_past(seen, left.min(Duration::from_millis(250)));
     };
     let dev = datapart::node(&part);
     // First boot on a bigger medium: grow before anything reads the partition.
