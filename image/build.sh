@@ -133,7 +133,9 @@ mv "$INITRD.tmp" "$INITRD"
 # --- unified kernel image ----------------------------------------------------------------------
 # console=tty0 and ttyS0: the screen and a serial cable both get the station (init writes to
 # every console). panic=10: a station that crashes comes back by itself.
-CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10 macrescue.station=\"$STATION\""
+# vhci-hcd (the station's USB/IP client) has no device to be matched by modalias: load it at
+# boot, before the station (loading it later, from the running station, hung the guest).
+CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10 macrescue.modules=vhci-hcd macrescue.station=\"$STATION\""
 [[ "$KIND" == station ]] || CMDLINE="console=tty0 console=ttyS0,115200n8 quiet loglevel=4 panic=10"
 CMDLINE+="${MACRESCUE_KERNEL_ARGS:+ $MACRESCUE_KERNEL_ARGS}"
 printf '%s' "$CMDLINE" >"$STAGE/cmdline.txt"

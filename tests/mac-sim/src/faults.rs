@@ -102,6 +102,12 @@ pub struct Faults {
     pub refuse_ibss: bool,
     /// Check the DFU suffix CRC (libirecovery's variant). Off mimics a ROM that ignores it.
     pub verify_crc: bool,
+    /// After the cable was pulled (a disconnect fault), it is plugged back in this long
+    /// later, the Mac in DFU again (a technician re-entering DFU). The fault fires once.
+    pub replug_after: Option<std::time::Duration>,
+    /// After a restore that ended with a device failure, the Mac is put back into DFU (what
+    /// a technician does when the station asks for an erase).
+    pub dfu_after_failure: bool,
 }
 
 impl Default for Faults {
@@ -115,6 +121,8 @@ impl Default for Faults {
             change_nonce_on_boot: false,
             refuse_ibss: false,
             verify_crc: true,
+            replug_after: None,
+            dfu_after_failure: false,
         }
     }
 }
@@ -135,7 +143,8 @@ pub enum FaultError {
 
 const KNOWN: &str = "disconnect-at=dfu|stage1|stage2|bootx, disconnect-after-bytes=N, \
     stall-command=TEXT, stall-dfu=getstatus|getstate|dnload|clrstatus|abort|N, \
-    start=dfu|portdfu|recovery, change-nonce, refuse-ibss, no-crc-check, crc-check=on|off";
+    start=dfu|portdfu|recovery, change-nonce, refuse-ibss, no-crc-check, crc-check=on|off, \
+    replug-after=MS, dfu-after-failure";
 
 fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, FaultError> {
     match v.map(str::to_ascii_lowercase).as_deref() {
@@ -196,6 +205,16 @@ impl Faults {
             "change-nonce" => self.change_nonce_on_boot = parse_bool(key, value)?,
             "refuse-ibss" => self.refuse_ibss = parse_bool(key, value)?,
             "crc-check" => self.verify_crc = parse_bool(key, value)?,
+            "replug-after" => {
+                let v = need("milliseconds")?;
+                let ms: u64 = v.parse().map_err(|_| FaultError::BadValue {
+                    key: key.into(),
+                    value: v.into(),
+                    expected: "milliseconds",
+                })?;
+                self.replug_after = Some(std::time::Duration::from_millis(ms))
+            }
+            "dfu-after-failure" => self.dfu_after_failure = parse_bool(key, value)?,
             "no-crc-check" => self.verify_crc = !parse_bool(key, value)?,
             _ => return Err(FaultError::Unknown(spec.into())),
         }
@@ -235,6 +254,8 @@ mod tests {
             "change-nonce",
             "refuse-ibss",
             "no-crc-check",
+            "replug-after=8000",
+            "dfu-after-failure",
         ])
         .unwrap();
         assert_eq!(
@@ -248,8 +269,14 @@ mod tests {
                 change_nonce_on_boot: true,
                 refuse_ibss: true,
                 verify_crc: false,
+                replug_after: Some(std::time::Duration::from_secs(8)),
+                dfu_after_failure: true,
             }
         );
+        assert!(matches!(
+            Faults::from_specs(&["replug-after=soon"]),
+            Err(FaultError::BadValue { .. })
+        ));
         let f =
             Faults::from_specs(&["crc-check=off", "stall-dfu=1", "disconnect-at=bootx"]).unwrap();
         assert!(!f.verify_crc);
