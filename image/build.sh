@@ -212,8 +212,10 @@ echo "$SOURCE_DATE_EPOCH" >"$PARTS/source-date-epoch"
 # macrescue.modules: the stick's storage stack loads while the host controllers come up, not
 # after the stick appears; usb-storage.delay_use=0: probe the stick when it enumerates, not a
 # second later (the init rescans SCSI hosts if a slow stick showed no disk; image/README.md).
+# vhci-hcd (the station's USB/IP client) has no device to be matched by modalias: load it at
+# boot, before the station (loading it later, from the running station, hung the guest).
 CMDLINE="$CONSOLES quiet loglevel=4 panic=10"
-[[ "$KIND" != station ]] || CMDLINE+=" macrescue.station=\"$STATION\" macrescue.modules=usb-storage,uas,sd_mod,exfat usb-storage.delay_use=0"
+[[ "$KIND" != station ]] || CMDLINE+=" macrescue.station=\"$STATION\" macrescue.modules=usb-storage,uas,sd_mod,exfat,vhci-hcd usb-storage.delay_use=0"
 CMDLINE+="${MACRESCUE_KERNEL_ARGS:+ $MACRESCUE_KERNEL_ARGS}"
 printf '%s' "$CMDLINE" >"$STAGE/cmdline.txt"
 VMLINUZ="$KDEST/vmlinuz"

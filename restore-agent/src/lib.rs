@@ -27,4 +27,5 @@ pub mod station;
 pub mod tss;
 pub mod tss_client;
 pub mod usb;
+pub mod usbip;
 pub mod usbmux;

@@ -39,6 +39,9 @@ pub fn spawn_station(
     if let Some(d) = data_dir {
         cmd.env("MACRESCUE_DATA", d);
     }
+    // The station asks for erase confirmations on the consoles the init set up (VGA and
+    // serial alike); it reads this when neither its flags nor its config name consoles.
+    cmd.env("MACRESCUE_CONSOLES", console_paths(&consoles.names()));
     unblock_signals_in_child(&mut cmd);
     let child = cmd.spawn()?;
     // The write ends now live only in the child (Command dropped them), so the copier sees EOF
@@ -57,6 +60,16 @@ pub fn spawn_station(
             }
         })?;
     Ok(Pid::from_raw(child.id() as i32))
+}
+
+/// `/dev/NAME` for each tty console, comma-separated (`/dev/console` is not a tty to ask on).
+pub fn console_paths(names: &[String]) -> String {
+    names
+        .iter()
+        .filter(|n| n.starts_with("tty"))
+        .map(|n| format!("/dev/{n}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Start `/bin/sh` on `/dev/TTY` as a session leader with that tty as its controlling terminal.
@@ -118,5 +131,17 @@ pub fn explain_spawn_error(what: &str, argv: &[String], e: &std::io::Error) {
         );
     } else {
         warn!("{what}: cannot start {argv:?}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erase_consoles_are_the_tty_consoles() {
+        let names = ["tty0", "ttyS0", "console"].map(String::from);
+        assert_eq!(console_paths(&names), "/dev/tty0,/dev/ttyS0");
+        assert_eq!(console_paths(&[]), "");
     }
 }

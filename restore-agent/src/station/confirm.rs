@@ -32,7 +32,13 @@ impl ConsolePort {
             .write(true)
             .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
             .open(path)?;
-        let output = input.try_clone()?;
+        // Output through its own, blocking open: a non-blocking write to a console still busy
+        // with the dashboard's lines (a slow serial line) fails with EAGAIN, and the question
+        // would be lost while its timeout still runs (seen in the VM demo).
+        let output = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path)?;
         Ok(ConsolePort {
             name: path.display().to_string(),
             input,

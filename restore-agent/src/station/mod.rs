@@ -15,7 +15,10 @@ pub mod confirm;
 pub mod dashboard;
 pub mod demo;
 pub mod gpio;
+pub mod netinfo;
 pub mod report;
+pub mod settings;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -132,6 +135,9 @@ enum Msg {
 }
 
 struct Slot {
+    /// The agent's CPU time and the clock when the job started (benchmark fields).
+    cpu_at_start: Duration,
+    clock_at_start: Instant,
     device: DeviceInfo,
     ecid: Option<u64>,
     row: usize,
@@ -449,6 +455,8 @@ impl Running {
                 ecid,
                 row: row_idx,
                 started: SystemTime::now(),
+                cpu_at_start: usage::cpu_time(),
+                clock_at_start: Instant::now(),
                 stages: Vec::new(),
                 erase: Vec::new(),
                 result: None,
@@ -577,6 +585,11 @@ impl Running {
                 "stages": slot.stages,
                 "erase_decisions": slot.erase,
                 "outcome": slot.result.clone().unwrap_or_else(|| json!({"result": "failed", "cause": "the job ended without a result"})),
+                // The agent's own work during this job (all Macs' jobs if several overlap)
+                // against its wall time: the rest was spent waiting on the Mac or the network.
+                "agent_cpu_s": (usage::cpu_time().saturating_sub(slot.cpu_at_start)).as_secs_f64(),
+                "agent_wall_s": slot.clock_at_start.elapsed().as_secs_f64(),
+                "agent_peak_rss_kib": usage::peak_rss_kib(),
             },
             "engine": engine_report,
         });
@@ -589,7 +602,12 @@ impl Running {
                     .unwrap_or_else(|p| p.into_inner())
                     .reports
                     .push(path.clone());
-                format!("mac {port}: report written to {}", path.display())
+                // Also the whole report on the console: a station without a screen (serial,
+                // CI) is read there, and the file may be on a stick nobody opens.
+                format!(
+                    "mac {port}: report written to {}\nmac {port}: report {report}",
+                    path.display()
+                )
             }
             Ok(None) => format!("mac {port}: report {report}"),
             Err(e) => format!("mac {port}: cannot write the report ({e}): {report}"),
@@ -603,8 +621,10 @@ impl Running {
             }
             s.report_values.push(report);
         }
-        self.board.push_note(line.clone());
-        self.emit(vec![line]);
+        let lines: Vec<String> = line.lines().map(str::to_string).collect();
+        self.board
+            .push_note(lines.first().cloned().unwrap_or_default());
+        self.emit(lines);
         // The freed slot goes to the Mac that waited longest.
         while self.slots.len() < self.cfg.max_macs.max(1) && !self.pending.is_empty() {
             let dev = self.pending.remove(0);

@@ -139,6 +139,8 @@ pub struct SimMac {
     link: Link,
     /// A reboot the firmware asked for; carried out (detach) at the next poll.
     pending: Option<Next>,
+    /// When the cable was pulled (for `replug_after`).
+    gone_since: Option<Instant>,
     /// When a manifested DFU image was first noticed without a reset following it.
     manifest_seen: Option<Instant>,
     configuration: u8,
@@ -219,6 +221,7 @@ impl SimMac {
             firmware: Firmware::Restore(None),
             link: Link::Attached,
             pending: None,
+            gone_since: None,
             manifest_seen: None,
             configuration: 0,
             alt: [0; 2],
@@ -646,7 +649,23 @@ impl SimDevice for SimMac {
 
     fn poll_link(&mut self, now: Instant) -> Option<LinkChange> {
         match self.link {
-            Link::Gone => None,
+            Link::Gone => {
+                // The technician plugs the cable back in with the Mac in DFU; the pull was a
+                // one-time event.
+                let after = self.faults.replug_after?;
+                let gone = *self.gone_since.get_or_insert(now);
+                if now.duration_since(gone) < after {
+                    return None;
+                }
+                tracing::info!("fault: the cable is plugged back in, the Mac in DFU");
+                self.faults.replug_after = None;
+                self.faults.disconnect_at = None;
+                self.faults.disconnect_after_bytes = None;
+                self.gone_since = None;
+                self.boot_into(UsbMode::Dfu);
+                self.link = Link::Attached;
+                Some(LinkChange::Attach)
+            }
             Link::Rebooting { next, at } => {
                 if now < at {
                     return None;
@@ -660,6 +679,15 @@ impl SimDevice for SimMac {
                     if os.gone() && self.pending.is_none() {
                         tracing::info!("fault: Mac drops off the bus in restore mode");
                         self.pending = Some(Next::Gone);
+                    } else if self.faults.dfu_after_failure
+                        && self.pending.is_none()
+                        && matches!(
+                            os.handle().wait(Duration::ZERO),
+                            crate::restore::restored::Outcome::DeviceFailed { .. }
+                        )
+                    {
+                        tracing::info!("the restore failed; the Mac is put back into DFU");
+                        self.pending = Some(Next::Mode(UsbMode::Dfu));
                     }
                 }
                 if self.pending.is_none() {

@@ -109,6 +109,12 @@ pub struct Faults {
     /// Enumerate in restore mode with this PID instead of 0x1901, as some Macs do (an M1
     /// MacBook Pro showed 05ac:12ac); lets usbmuxd releases that only know the iOS range see it.
     pub restore_pid: Option<u16>,
+    /// After the cable was pulled (a disconnect fault), it is plugged back in this long
+    /// later, the Mac in DFU again (a technician re-entering DFU). The fault fires once.
+    pub replug_after: Option<std::time::Duration>,
+    /// After a restore that ended with a device failure, the Mac is put back into DFU (what
+    /// a technician does when the station asks for an erase).
+    pub dfu_after_failure: bool,
 }
 
 impl Default for Faults {
@@ -124,6 +130,8 @@ impl Default for Faults {
             refuse_ibss: false,
             verify_crc: true,
             restore_pid: None,
+            replug_after: None,
+            dfu_after_failure: false,
         }
     }
 }
@@ -146,7 +154,7 @@ const KNOWN: &str = "disconnect-at=dfu|stage1|stage2|bootx, disconnect-after-byt
     disconnect-in-restore-after-bytes=N, \
     stall-command=TEXT, stall-dfu=getstatus|getstate|dnload|clrstatus|abort|N, \
     start=dfu|portdfu|recovery, change-nonce, refuse-ibss, no-crc-check, crc-check=on|off, \
-    restore-pid=0xNNNN";
+    restore-pid=0xNNNN, replug-after=MS, dfu-after-failure";
 
 fn parse_pid(key: &str, v: &str) -> Result<u16, FaultError> {
     let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
@@ -228,6 +236,16 @@ impl Faults {
             "change-nonce" => self.change_nonce_on_boot = parse_bool(key, value)?,
             "refuse-ibss" => self.refuse_ibss = parse_bool(key, value)?,
             "crc-check" => self.verify_crc = parse_bool(key, value)?,
+            "replug-after" => {
+                let v = need("milliseconds")?;
+                let ms: u64 = v.parse().map_err(|_| FaultError::BadValue {
+                    key: key.into(),
+                    value: v.into(),
+                    expected: "milliseconds",
+                })?;
+                self.replug_after = Some(std::time::Duration::from_millis(ms))
+            }
+            "dfu-after-failure" => self.dfu_after_failure = parse_bool(key, value)?,
             "no-crc-check" => self.verify_crc = !parse_bool(key, value)?,
             "restore-pid" => self.restore_pid = Some(parse_pid(key, need("a product ID")?)?),
             _ => return Err(FaultError::Unknown(spec.into())),
@@ -270,6 +288,8 @@ mod tests {
             "refuse-ibss",
             "no-crc-check",
             "restore-pid=0x12ac",
+            "replug-after=8000",
+            "dfu-after-failure",
         ])
         .unwrap();
         assert_eq!(
@@ -285,6 +305,8 @@ mod tests {
                 refuse_ibss: true,
                 verify_crc: false,
                 restore_pid: Some(0x12ac),
+                replug_after: Some(std::time::Duration::from_secs(8)),
+                dfu_after_failure: true,
             }
         );
         assert_eq!(
@@ -293,6 +315,10 @@ mod tests {
                 .restore_pid,
             Some(0x1901)
         );
+        assert!(matches!(
+            Faults::from_specs(&["replug-after=soon"]),
+            Err(FaultError::BadValue { .. })
+        ));
         let f =
             Faults::from_specs(&["crc-check=off", "stall-dfu=1", "disconnect-at=bootx"]).unwrap();
         assert!(!f.verify_crc);

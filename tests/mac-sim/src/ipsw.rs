@@ -74,6 +74,11 @@ pub struct IpswOptions {
     /// More entries (path, content), stored after the generated ones: what a test's restore
     /// asks for beyond the boot chain (e.g. the BootabilityBundle).
     pub extra_entries: Vec<(String, Vec<u8>)>,
+    /// The fixtures are preflight manifests with one bootable identity; a full Mac IPSW has
+    /// Erase, Upgrade and `macOS Customer` identities (protocol.md §10). Derive them.
+    pub mac_identities: bool,
+    /// Add the BootabilityBundle a full IPSW carries (restored asks for it, §7.7).
+    pub bootability_bundle: bool,
 }
 
 impl IpswOptions {
@@ -86,8 +91,54 @@ impl IpswOptions {
             force_zip64: false,
             sparse_os: false,
             extra_entries: Vec::new(),
+            mac_identities: false,
+            bootability_bundle: false,
         }
     }
+}
+
+/// Entries of the BootabilityBundle (content is opaque to the host).
+pub const BOOTABILITY_FILES: [(&str, &[u8]); 2] = [
+    (
+        "BootabilityBundle/Restore/Bootability/Bootability.dmg",
+        &[0xB0; 3000],
+    ),
+    (
+        "BootabilityBundle/Restore/Firmware/Bootability.dmg.trustcache",
+        b"trustcache",
+    ),
+];
+
+/// Replace the identities by Erase, Update and `macOS Customer` ones derived from the first
+/// bootable identity (the one with an iBSS).
+fn derive_mac_identities(m: &mut Dictionary) {
+    let Some(base) = identities(m)
+        .find(|i| {
+            i.get("Manifest")
+                .and_then(Value::as_dictionary)
+                .is_some_and(|mf| mf.contains_key("iBSS"))
+        })
+        .cloned()
+    else {
+        return;
+    };
+    let with = |variant: &str, behavior: &str| {
+        let mut id = base.clone();
+        if let Some(Value::Dictionary(info)) = id.get_mut("Info") {
+            info.insert("Variant".into(), variant.into());
+            info.insert("RestoreBehavior".into(), behavior.into());
+            info.insert("MacOSVariant".into(), "macOS Customer".into());
+        }
+        Value::Dictionary(id)
+    };
+    m.insert(
+        "BuildIdentities".into(),
+        Value::Array(vec![
+            with("Customer Erase Install (IPSW)", "Erase"),
+            with("Customer Upgrade Install (IPSW)", "Update"),
+            with("macOS Customer", "Erase"),
+        ]),
+    );
 }
 
 /// What was written.
@@ -345,6 +396,9 @@ pub fn make_ipsw(opts: &IpswOptions, out: &Path) -> Result<IpswSummary, IpswErro
     if identities(&manifest).next().is_none() {
         return Err(IpswError::Malformed(mpath, "no BuildIdentities".into()));
     }
+    if opts.mac_identities {
+        derive_mac_identities(&mut manifest);
+    }
     let os_paths: BTreeSet<String> = identities(&manifest)
         .flat_map(components)
         .filter(|c| c.name == "OS")
@@ -439,6 +493,11 @@ pub fn make_ipsw(opts: &IpswOptions, out: &Path) -> Result<IpswSummary, IpswErro
     }
     for (path, data) in &opts.extra_entries {
         add((&mut zip, &mut entries), path, data)?;
+    }
+    if opts.bootability_bundle {
+        for (name, data) in BOOTABILITY_FILES {
+            add((&mut zip, &mut entries), name, data)?;
+        }
     }
     let mut w = zip.finish()?;
     w.flush()?;

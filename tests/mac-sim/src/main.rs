@@ -14,6 +14,15 @@ use mac_sim::device::{SimMac, Timing};
 use mac_sim::faults::{Faults, StartMode};
 use mac_sim::wire::SimDevice;
 
+mod world;
+
+/// How `world` builds each Mac's restore OS (the same reporting factory `usbip` uses).
+type RestoreFactoryFn = fn(
+    mac_sim::restore::scenario::Scenario,
+    mac_sim::restore::RestoreConfig,
+    u64,
+) -> mac_sim::device::RestoreFactory;
+
 #[derive(Parser)]
 #[command(
     name = "mac-sim",
@@ -182,6 +191,10 @@ enum Cmd {
     },
     /// Serve a simulated firmware catalog (Apple mesu XML + ipsw.me v4 JSON) until killed.
     Catalog(mac_sim::services::catalog::CliArgs),
+    /// Everything a station reaches: a synthetic IPSW on a CDN, catalog and TSS (one test CA
+    /// whose certificate also names --public-host), and simulated Macs over USB/IP playing a
+    /// restore scenario that expects that IPSW. Writes DIR/world.json; runs until killed.
+    World(world::WorldArgs),
 }
 
 #[derive(clap::Args)]
@@ -426,6 +439,7 @@ fn main() -> Result<()> {
                 summary.os_paths.join(", ")
             );
         }
+        Cmd::World(a) => world::run(a, restore_factory)?,
         Cmd::Catalog(args) => mac_sim::services::catalog::run_cli(args, |mesu, ipsw_me| {
             // Scripts read these two lines to find the ephemeral port.
             println!("mesu: {mesu}");

@@ -10,9 +10,10 @@
 //! NAKs pending (a pending IN must never complete empty: the host would read it as a
 //! zero-length packet, which is protocol), and polls [`SimDevice::poll_link`] after every
 //! transfer and every [`TICK`]. A `Detach` closes the device's connection, which the kernel
-//! reports as an unplug; an `Attach` exports the device under a new bus id and device number
-//! and, with [`ExportOptions::attach`], plugs it into the local vhci-hcd again, preferring the
-//! vhci port it had before (a Mac re-enumerating stays on its physical port).
+//! reports as an unplug; an `Attach` exports the device under the same bus id (its port) with
+//! a new device number and, with [`ExportOptions::attach`], plugs it into the local vhci-hcd
+//! again, preferring the vhci port it had before (a Mac re-enumerating stays on its physical
+//! port). Remote clients (the agent's `usbip` module) do the same by bus id.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -741,10 +742,12 @@ impl Driver {
         let export = {
             let mut st = self.slot.lock();
             st.generation += 1;
-            // A fresh bus id and device number per incarnation, as a real re-enumeration gives.
+            // A new device number per incarnation, as a real re-enumeration gives; the bus id
+            // names the physical port on a real usbipd (`1-1.2`), so it stays: clients use it
+            // to keep a re-enumerating Mac on the same vhci port.
             let devnum = 1 + st.generation as u32;
             let export = Export {
-                busid: format!("{}-{}", self.slot.busnum, st.generation),
+                busid: format!("{}-1", self.slot.busnum),
                 devnum,
                 generation: st.generation,
                 enumeration,
