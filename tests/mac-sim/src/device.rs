@@ -661,6 +661,7 @@ impl SimDevice for SimMac {
                 self.faults.replug_after = None;
                 self.faults.disconnect_at = None;
                 self.faults.disconnect_after_bytes = None;
+                self.faults.disconnect_in_restore_after_bytes = None;
                 self.gone_since = None;
                 self.boot_into(UsbMode::Dfu);
                 self.link = Link::Attached;

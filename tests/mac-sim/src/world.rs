@@ -177,11 +177,6 @@ pub fn run(a: WorldArgs, factory: super::RestoreFactoryFn) -> Result<()> {
         scenario.image.seed = None;
         scenario.image.sha1 = None;
         scenario.image.path = Some(os_image.clone());
-        // Firmware-updater tickets (§4.9) are not signed by the simulated TSS yet.
-        scenario.steps.retain(|st| {
-            !matches!(st, Step::DataRequestMsg(d) | Step::AsyncDataRequestMsg(d)
-                if d.data_type == "FirmwareUpdaterData")
-        });
         scenarios.push(scenario);
     }
     if let Some(status) = a.first_status {
