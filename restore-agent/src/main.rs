@@ -34,7 +34,7 @@ enum Command {
     /// List the macOS builds offered for a model, newest first (optionally: signed or not).
     Firmwares(cmd::firmwares::Args),
     /// Restore every Mac plugged in, with a dashboard and a report per Mac (the image runs this).
-    Station(cmd::station::Args),
+    Station(Box<cmd::station::Args>),
     /// Download a firmware file into the cache (parallel, resumable, SHA-1 checked).
     Download(cmd::download::Args),
     /// Wait for a Mac and restore it: revive first; erase only after the code shown is typed.
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         Command::Bootchain(a) => cmd::bootchain::run(a),
         Command::Plan(a) => cmd::plan::run(a),
         Command::Firmwares(a) => cmd::firmwares::run(a),
-        Command::Station(a) => cmd::station::run(a),
+        Command::Station(a) => cmd::station::run(*a),
         Command::Download(a) => cmd::download::run(a),
         Command::Restore(a) => cmd::restore::run(a),
         Command::Net(a) => cmd::net::run(a),
