@@ -145,12 +145,6 @@ fn parse_pin(v: &str) -> BuildPin {
     }
 }
 
-/// `host:port` of a URL, for the reachability check.
-fn host_port(url: &str) -> Option<String> {
-    let u = reqwest::Url::parse(url).ok()?;
-    Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?))
-}
-
 pub fn resolve(args: &Args, file: &FileSettings, env_consoles: Option<&str>) -> Resolved {
     let st = &file.station;
     let data = args.data.as_deref();
@@ -220,7 +214,7 @@ pub fn resolve(args: &Args, file: &FileSettings, env_consoles: Option<&str>) -> 
     let configured: Vec<String> = [catalog_url.as_deref(), tss_url.as_deref()]
         .into_iter()
         .flatten()
-        .filter_map(host_port)
+        .filter_map(restore_agent::net::status::reach_target)
         .collect();
     let servers_label = if configured.is_empty() {
         "Apple".to_string()

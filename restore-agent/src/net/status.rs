@@ -80,6 +80,12 @@ pub enum Reachability {
     Unreachable(String),
 }
 
+/// `host:port` of a server URL: what [`check_reachable`] connects to.
+pub fn reach_target(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?))
+}
+
 /// Apple reachability, cheaply: a TCP connect to each target (through the proxy when there
 /// is one, since direct connections may be blocked there).
 pub async fn check_reachable(targets: &[String], timeout: Duration) -> Reachability {
@@ -98,6 +104,19 @@ pub async fn check_reachable(targets: &[String], timeout: Duration) -> Reachabil
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reach_targets_of_urls() {
+        assert_eq!(
+            reach_target("https://10.0.2.100:40003/TSS/controller?action=2").as_deref(),
+            Some("10.0.2.100:40003")
+        );
+        assert_eq!(
+            reach_target("https://gs.apple.com/TSS/controller").as_deref(),
+            Some("gs.apple.com:443")
+        );
+        assert_eq!(reach_target("not a url"), None);
+    }
 
     #[tokio::test]
     async fn reachability_against_loopback() {
