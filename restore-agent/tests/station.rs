@@ -561,3 +561,40 @@ async fn a_mac_replugged_after_its_job_is_started_again() {
     assert_eq!(run.counters.starts.lock().unwrap().get("1-1"), Some(&2));
     assert_eq!(run.summary.done, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mac_pulled_during_its_job_and_replugged_is_started_again() {
+    let first = dfu_device(1, 2);
+    let bus = Arc::new(FakeBus::new(vec![first.clone()]));
+    let script = Script {
+        gate: Some(Notify::new()),
+        fail: true,
+        ..Script::default()
+    };
+    let mut cfg = lines_cfg(2, None);
+    cfg.replug_grace = Duration::ZERO;
+    let run = run_station(
+        bus,
+        script,
+        cfg,
+        Arc::new(Refuse),
+        move |bus, script, summary, _| {
+            tokio::spawn(async move {
+                script.running.notified().await;
+                // The cable is pulled while the job still runs; the job fails after that.
+                bus.unplug(&first);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                script.gate.as_ref().unwrap().notify_one();
+                wait_for(&summary, |s| s.failed == 1).await;
+                let mut back = first.clone();
+                back.address = 7;
+                bus.plug(back);
+                script.running.notified().await;
+                script.gate.as_ref().unwrap().notify_one();
+            })
+        },
+    )
+    .await;
+    assert_eq!(run.counters.starts.lock().unwrap().get("1-1"), Some(&2));
+    assert_eq!(run.summary.failed, 2);
+}

@@ -65,6 +65,30 @@ impl Default for Timeouts {
     }
 }
 
+impl Timeouts {
+    /// Every wait for the Mac multiplied by `factor`: slow hosts (QEMU without acceleration,
+    /// USB/IP over a busy link) re-enumerate and answer many times slower than a real Mac on
+    /// a real port. The number of open attempts and the protocol pauses stay as they are.
+    pub fn scaled(&self, factor: f64) -> Timeouts {
+        let s = |d: Duration| d.mul_f64(factor);
+        Timeouts {
+            discovery: s(self.discovery),
+            ibss_disconnect: s(self.ibss_disconnect),
+            ibss_reconnect: s(self.ibss_reconnect),
+            ibec_disconnect: s(self.ibec_disconnect),
+            ibec_reconnect: s(self.ibec_reconnect),
+            recovery_ibec_disconnect: s(self.recovery_ibec_disconnect),
+            recovery_ibec_reconnect: s(self.recovery_ibec_reconnect),
+            bootx_leave: s(self.bootx_leave),
+            restore_mode: s(self.restore_mode),
+            transfer: s(self.transfer),
+            open_attempts: self.open_attempts,
+            open_interval: s(self.open_interval),
+            max_pause: self.max_pause,
+        }
+    }
+}
+
 /// Reads a device's identity; [`identity::read_identity`] in production.
 pub type IdentityReader = fn(&mut dyn UsbTransport) -> Result<DeviceIdentity, IdentityError>;
 

@@ -91,6 +91,9 @@ pub struct Args {
     /// Accept Macs found in Recovery instead of DFU.
     #[arg(long)]
     pub allow_recovery: bool,
+    /// Multiply every USB wait by F (default 1: real Macs; QEMU without acceleration: 20+).
+    #[arg(long, value_name = "F")]
+    pub usb_timeout_scale: Option<f64>,
     /// Import the devices of this USB/IP server (host[:port], repeatable).
     #[arg(long = "usbip", value_name = "HOST:PORT")]
     pub usbip: Vec<String>,
@@ -145,6 +148,19 @@ fn parse_pin(v: &str) -> BuildPin {
     }
 }
 
+/// The USB timeout factor; nonsense (zero, negative, NaN) falls back to real-Mac timing rather
+/// than to waits that end at once.
+fn usb_timeout_scale(v: Option<f64>) -> f64 {
+    match v {
+        None => 1.0,
+        Some(f) if f.is_finite() && f > 0.0 && f <= 1000.0 => f,
+        Some(f) => {
+            tracing::warn!("usb_timeout_scale = {f} is not a factor between 0 and 1000; using 1");
+            1.0
+        }
+    }
+}
+
 pub fn resolve(args: &Args, file: &FileSettings, env_consoles: Option<&str>) -> Resolved {
     let st = &file.station;
     let data = args.data.as_deref();
@@ -186,7 +202,9 @@ pub fn resolve(args: &Args, file: &FileSettings, env_consoles: Option<&str>) -> 
         },
         http,
         pin,
-        timeouts: Timeouts::default(),
+        timeouts: Timeouts::default().scaled(usb_timeout_scale(
+            args.usb_timeout_scale.or(st.usb_timeout_scale),
+        )),
         allow_recovery_start: args.allow_recovery || st.allow_recovery.unwrap_or(false),
         local_ipsw_dirs: args.ipsw_dirs.clone(),
         ..EngineConfig::default()
@@ -555,6 +573,7 @@ ca_file = "macrescue/ca.pem"
 usbip = "10.0.2.100:3240"
 build = "25C56"
 max_macs = 2
+usb_timeout_scale = 20
 [net]
 require_clock = false
 clock_wait = 4
@@ -599,6 +618,19 @@ ntp_fallback = "off"
             vec!["10.0.2.100:8001", "10.0.2.100:8003"]
         );
         assert_eq!(r.servers_label, "servers");
+        assert_eq!(
+            r.engine.timeouts.bootchain.ibec_reconnect,
+            Duration::from_secs(200)
+        );
+        assert_eq!(r.engine.timeouts.mux_handshake, Duration::from_secs(200));
+        assert_eq!(
+            r.engine.timeouts.bootchain.open_attempts,
+            Timeouts::default().bootchain.open_attempts
+        );
+        assert_eq!(
+            r.engine.timeouts.back_in_dfu,
+            Timeouts::default().back_in_dfu
+        );
 
         let r = resolve(
             &parse(&[
@@ -611,6 +643,8 @@ ntp_fallback = "off"
                 "--no-network",
                 "--tss-url",
                 "http://127.0.0.1:9",
+                "--usb-timeout-scale",
+                "1.5",
             ]),
             &file,
             Some("/dev/ttyS0"),
@@ -620,6 +654,10 @@ ntp_fallback = "off"
         assert_eq!(r.consoles, vec![PathBuf::from("/dev/ttyS1")]);
         assert!(r.net.is_none());
         assert_eq!(r.engine.tss.server.as_deref(), Some("http://127.0.0.1:9"));
+        assert_eq!(
+            r.engine.timeouts.bootchain.ibss_reconnect,
+            Duration::from_secs(15)
+        );
         // Relative to nothing without --data.
         assert_eq!(
             r.engine.http.extra_ca,
@@ -640,6 +678,12 @@ ntp_fallback = "off"
         assert!(r.require_clock);
         assert_eq!(r.max_macs, 8);
         assert_eq!(r.confirm_timeout, Duration::from_secs(300));
+        // Real Macs keep the spec's timing.
+        assert_eq!(r.engine.timeouts, Timeouts::default());
+        assert_eq!(usb_timeout_scale(Some(0.0)), 1.0);
+        assert_eq!(usb_timeout_scale(Some(f64::NAN)), 1.0);
+        assert_eq!(usb_timeout_scale(Some(-3.0)), 1.0);
+        assert_eq!(usb_timeout_scale(Some(50.0)), 50.0);
         let net = r.net.unwrap();
         assert_eq!(net.ntp_fallback.as_deref(), Some("time.apple.com"));
         assert_eq!(r.servers_label, "Apple");

@@ -88,6 +88,22 @@ impl Default for Timeouts {
     }
 }
 
+impl Timeouts {
+    /// The USB waits (boot chain, usbmux, restored) multiplied by `factor`, for hosts where
+    /// the Mac's USB is many times slower than a real port (see the station's
+    /// `usb_timeout_scale`). The wait for a technician's Mac to come back in DFU stays.
+    pub fn scaled(&self, factor: f64) -> Timeouts {
+        Timeouts {
+            bootchain: self.bootchain.scaled(factor),
+            restored_connect_attempts: self.restored_connect_attempts,
+            restored_connect_retry: self.restored_connect_retry.mul_f64(factor),
+            restored_query: self.restored_query.mul_f64(factor),
+            mux_handshake: self.mux_handshake.mul_f64(factor),
+            back_in_dfu: self.back_in_dfu,
+        }
+    }
+}
+
 /// Everything the engine needs besides the Mac.
 #[derive(Debug, Clone, Default)]
 pub struct EngineConfig {

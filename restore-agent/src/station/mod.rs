@@ -147,6 +147,9 @@ struct Slot {
     result: Option<serde_json::Value>,
     /// Log lines kept until the ECID names the log file.
     unlogged: Vec<String>,
+    /// When the Mac left its port and has not come back (a cable pulled mid-job): the
+    /// finished port then waits for a re-plug instead of treating the Mac as still there.
+    left: Option<Instant>,
 }
 
 pub struct Station {
@@ -329,6 +332,11 @@ impl Running {
                         *left = Some(Instant::now());
                     }
                 }
+                for slot in self.slots.values_mut() {
+                    if slot.device.location == dev.location {
+                        slot.left = Some(Instant::now());
+                    }
+                }
                 self.refresh_counts();
             }
             Msg::Probed(dev, ecid) => self.probed(dev, ecid),
@@ -359,11 +367,12 @@ impl Running {
         if mode == AppleMode::Wtf {
             return;
         }
-        if let Some((&id, _)) = self
+        if let Some((&id, slot)) = self
             .slots
-            .iter()
+            .iter_mut()
             .find(|(_, s)| s.device.location == dev.location)
         {
+            slot.left = None;
             // Its own job follows it through re-enumerations; only the log hears of it.
             let line = format!("re-enumerated as {mode:?} (address {})", dev.address);
             self.slot_note(id, line);
@@ -461,6 +470,7 @@ impl Running {
                 erase: Vec::new(),
                 result: None,
                 unlogged: Vec::new(),
+                left: None,
             },
         );
         self.summary
@@ -594,7 +604,8 @@ impl Running {
             "engine": engine_report,
         });
         let port = row.port.clone();
-        self.finished.push((slot.device.location.clone(), None));
+        self.finished
+            .push((slot.device.location.clone(), slot.left));
         let line = match self.store.report(&ecid_label, &report) {
             Ok(Some(path)) => {
                 self.summary

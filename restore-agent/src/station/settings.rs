@@ -73,6 +73,9 @@ pub struct StationSection {
     pub max_macs: Option<usize>,
     pub confirm_timeout: Option<u64>,
     pub allow_recovery: Option<bool>,
+    /// Multiplies every USB wait (re-enumeration after iBSS/iBEC, restore mode, transfers):
+    /// `1` for real Macs; QEMU without acceleration needs far more.
+    pub usb_timeout_scale: Option<f64>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, toml::Value>,
 }
@@ -203,6 +206,26 @@ ntp = "10.0.2.2"
             PathBuf::from("/data/macrescue/test-ca.pem")
         );
         assert_eq!(resolve(None, "/etc/ca.pem"), PathBuf::from("/etc/ca.pem"));
+    }
+
+    #[test]
+    fn usb_timeout_scale_takes_integers_and_fractions() {
+        let f = |t: &str| {
+            FileSettings::parse(t, Path::new("c.toml"))
+                .unwrap()
+                .station
+                .usb_timeout_scale
+        };
+        assert_eq!(f("[station]\nusb_timeout_scale = 20\n"), Some(20.0));
+        assert_eq!(f("[station]\nusb_timeout_scale = 2.5\n"), Some(2.5));
+        assert_eq!(f("[station]\n"), None);
+        let e = FileSettings::parse(
+            "[station]\nusb_timeout_scale = \"slow\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("c.toml is not valid TOML: "), "{e}");
     }
 
     #[test]
