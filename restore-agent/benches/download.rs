@@ -10,6 +10,7 @@
 //! eighth of it so both take about as long), `MACRESCUE_BENCH_RATE_MIB` (per connection,
 //! default 4), `MACRESCUE_BENCH_BIG_MIB` (memory run, unthrottled, default 4096; 0 skips it).
 
+mod measure;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,27 +19,7 @@ use restore_agent::download::storage::free_space;
 use restore_agent::download::{DownloadOptions, Downloader};
 use restore_agent::http::HttpConfig;
 
-const MIB: u64 = 1 << 20;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-/// Peak resident set size of this process in KiB (VmHWM).
-fn peak_rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// Start a new peak measurement (Linux: writing 5 to clear_refs resets VmHWM).
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
+use measure::{env_u64, peak_rss_kib, reset_peak_rss, MIB};
 
 struct Run {
     secs: f64,

@@ -19,23 +19,16 @@
 #[path = "../tests/engine_sim.rs"]
 mod engine_sim;
 
+mod measure;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine_sim::*;
 use mac_sim::faults::StartMode;
-use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
 use restore_agent::download::{DownloadOptions, Downloader};
 use restore_agent::engine::{restore_mac, BuildPin, EngineEvent, PathOrUrl, Stage};
 
-const MIB: u64 = 1 << 20;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
+use measure::{env_u64, MIB};
 
 struct Timed {
     total: f64,
@@ -97,21 +90,7 @@ fn main() {
     let connections = env_u64("MACRESCUE_BENCH_CONNECTIONS", 4) as usize;
     let env = env_with("bench-overlap", os_mib * MIB);
     let size = std::fs::metadata(&env.ipsw).unwrap().len();
-    let cdn = env
-        .rt
-        .block_on(Cdn::start(
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-            CdnConfig {
-                files: vec![CdnFile {
-                    name: IPSW_NAME.into(),
-                    source: Source::Path(env.ipsw.clone()),
-                }],
-                rate: Some(rate),
-                faults: vec![],
-            },
-        ))
-        .unwrap();
+    let cdn = env.slow_cdn(rate);
     let url = cdn.url(IPSW_NAME);
     println!(
         "IPSW {:.1} MiB, CDN {} MiB/s per connection, {connections} connections",

@@ -19,6 +19,7 @@
 #[path = "../tests/engine_sim.rs"]
 mod engine_sim;
 
+mod measure;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,25 +27,7 @@ use engine_sim::*;
 use mac_sim::faults::StartMode;
 use restore_agent::engine::{restore_mac, BuildPin, PathOrUrl};
 
-const MIB: u64 = 1 << 20;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-fn peak_rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
+use measure::{env_u64, peak_rss_kib, reset_peak_rss, MIB};
 
 /// Restores one simulated Mac with an `os_size`-byte image; returns (ok, seconds, peak KiB).
 fn run(os_size: u64) -> (bool, f64, Option<u64>) {

@@ -223,6 +223,25 @@ pub(crate) fn http() -> HttpConfig {
 }
 
 impl Env {
+    /// The simulated CDN serving this environment's IPSW at `rate` bytes/s per connection.
+    pub(crate) fn slow_cdn(&self, rate: u64) -> mac_sim::services::cdn::Cdn {
+        use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
+        self.rt
+            .block_on(Cdn::start(
+                "127.0.0.1:0".parse().unwrap(),
+                None,
+                CdnConfig {
+                    files: vec![CdnFile {
+                        name: IPSW_NAME.into(),
+                        source: Source::Path(self.ipsw.clone()),
+                    }],
+                    rate: Some(rate),
+                    faults: vec![],
+                },
+            ))
+            .unwrap()
+    }
+
     pub(crate) fn config(&self, pin: BuildPin) -> EngineConfig {
         EngineConfig {
             cache_dir: None,
@@ -825,7 +844,6 @@ fn a_usb_drop_in_stage_2_is_a_named_failure_and_never_asks_to_erase() {
 /// Returns the report, whether the download was complete when DFU started, the cached file's
 /// length, the IPSW's size and the body bytes the CDN sent.
 fn restore_while_downloading(tag: &str, sha1_ok: bool) -> (MacReport, bool, Option<u64>, u64, u64) {
-    use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
     use sha1::Digest;
     // 20 MiB at 1 MiB/s per connection on 2 (+1 for the restore's reads) connections: the
     // download takes about 7 s, the boot chain needs about 1 MiB of it (about 1 s).
@@ -835,21 +853,7 @@ fn restore_while_downloading(tag: &str, sha1_ok: bool) -> (MacReport, bool, Opti
     if !sha1_ok {
         sha1[0] ^= 1;
     }
-    let cdn = env
-        .rt
-        .block_on(Cdn::start(
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-            CdnConfig {
-                files: vec![CdnFile {
-                    name: IPSW_NAME.into(),
-                    source: Source::Path(env.ipsw.clone()),
-                }],
-                rate: Some(1 << 20),
-                faults: vec![],
-            },
-        ))
-        .unwrap();
+    let cdn = env.slow_cdn(1 << 20);
     let catalog = CatalogService::from_builds(vec![CatalogBuild {
         product_type: "Macmini9,1".into(),
         version: "26.2".into(),
@@ -1111,25 +1115,10 @@ fn unplugged_after_bootx_the_mac_is_picked_up_again_and_finished() {
 /// `n` Macs on one station with an empty cache and a slow CDN: every Mac is restored and the
 /// IPSW crosses the network once (one download, read by all of them while it runs).
 fn macs_share_one_download(n: u64) {
-    use mac_sim::services::cdn::{Cdn, CdnConfig, CdnFile, Source};
     use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
     let env = env_with(&format!("share-{n}"), 8 << 20);
     let size = std::fs::metadata(&env.ipsw).unwrap().len();
-    let cdn = env
-        .rt
-        .block_on(Cdn::start(
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-            CdnConfig {
-                files: vec![CdnFile {
-                    name: IPSW_NAME.into(),
-                    source: Source::Path(env.ipsw.clone()),
-                }],
-                rate: Some(2 << 20),
-                faults: vec![],
-            },
-        ))
-        .unwrap();
+    let cdn = env.slow_cdn(2 << 20);
     let usb = Arc::new(SimUsb::new());
     let boots = Arc::new(Mutex::new(Vec::new()));
     for i in 0..n {
@@ -1214,24 +1203,10 @@ fn four_macs_at_once_share_one_download() {
 /// restores the Mac.
 #[test]
 fn a_restarted_station_resumes_the_half_done_download() {
-    use mac_sim::services::cdn::{bytes_served_twice, Cdn, CdnConfig, CdnFile, Source};
+    use mac_sim::services::cdn::bytes_served_twice;
     let env = env_with("resume", 8 << 20);
     let size = std::fs::metadata(&env.ipsw).unwrap().len();
-    let cdn = env
-        .rt
-        .block_on(Cdn::start(
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-            CdnConfig {
-                files: vec![CdnFile {
-                    name: IPSW_NAME.into(),
-                    source: Source::Path(env.ipsw.clone()),
-                }],
-                rate: Some(1 << 20),
-                faults: vec![],
-            },
-        ))
-        .unwrap();
+    let cdn = env.slow_cdn(1 << 20);
     let cache = env.dir.0.join("cache");
     let config = || {
         let mut cfg = env.config(BuildPin::Ipsw(PathOrUrl::Url(cdn.url(IPSW_NAME))));
