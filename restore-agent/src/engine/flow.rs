@@ -14,7 +14,7 @@ use crate::bootchain::BootchainError;
 use crate::catalog_fetch::CatalogFetcher;
 use crate::download::Live;
 use crate::identity::{self, AppleMode, DeviceIdentity};
-use crate::ipsw::{Ipsw, LocalFile, PartialFile, RemoteConfig, RemoteFile};
+use crate::ipsw::{pick_local_ipsw, Ipsw, LocalFile, PartialFile, RemoteConfig, RemoteFile};
 use crate::manifest::BuildManifest;
 use crate::personalize::{IpswSource, PersonalizeError, Personalizer, RestorePlan};
 use crate::restored::options::{random_uuid, StartRestoreParams};
@@ -458,13 +458,9 @@ async fn open_firmware(
     .map_err(worker)?
 }
 
-/// A copy of `build` for `product_type` already on the station (the cache first, then other
-/// USB disks), so nothing is downloaded.
-async fn local_ipsw(
-    cfg: &EngineConfig,
-    product_type: &str,
-    build: &str,
-) -> Option<std::path::PathBuf> {
+/// The IPSWs already on the station (the cache first, then other USB disks), read once per Mac:
+/// a catalog build found among them is not downloaded.
+async fn local_ipsws(cfg: &EngineConfig) -> Vec<crate::ipsw::LocalIpsw> {
     let dirs: Vec<std::path::PathBuf> = cfg
         .cache_dir
         .iter()
@@ -472,13 +468,11 @@ async fn local_ipsw(
         .cloned()
         .collect();
     if dirs.is_empty() {
-        return None;
+        return Vec::new();
     }
-    let (product_type, build) = (product_type.to_string(), build.to_string());
-    off_runtime(move || crate::ipsw::find_local_ipsw(&dirs, &product_type, &build))
+    off_runtime(move || crate::ipsw::local_ipsws(&dirs))
         .await
-        .ok()
-        .flatten()
+        .unwrap_or_default()
 }
 
 fn tss_params(id: &DeviceIdentity, ecid: u64) -> TssParams {
@@ -545,9 +539,10 @@ async fn pick_from_catalog(
     let ecid = id.ecid.unwrap_or_default();
     let params = tss_params(id, ecid);
     let mut refused = Vec::new();
+    let on_station = local_ipsws(&run.cfg).await;
     for entry in candidates {
         run.stage(Stage::Firmware);
-        let source = match local_ipsw(&run.cfg, model.product_type, &entry.build).await {
+        let source = match pick_local_ipsw(&on_station, model.product_type, &entry.build) {
             Some(path) => {
                 run.message(format!(
                     "macOS {} ({}) is on this station: {}",

@@ -47,30 +47,44 @@ impl LocalIpsw {
     }
 }
 
-/// The first `*.ipsw` below `dirs` (in the order given, then by path) whose BuildManifest is
-/// build `build` for `product_type`. Unreadable files are skipped with a warning.
-pub fn find_local_ipsw(dirs: &[PathBuf], product_type: &str, build: &str) -> Option<PathBuf> {
+/// Every readable `*.ipsw` below `dirs` (in the order given, then by path), with what its
+/// BuildManifest says. Unreadable files are skipped with a warning. Callers that try several
+/// builds look them up in this list instead of reading the disks once per build.
+pub fn local_ipsws(dirs: &[PathBuf]) -> Vec<LocalIpsw> {
+    let mut out = Vec::new();
     for dir in dirs {
         for path in ipsw_files(dir) {
             match inspect(&path) {
-                Ok(found) if found.serves(product_type, build) => {
-                    info!(
-                        "using the local IPSW {} (build {build} for {product_type})",
-                        path.display()
+                Ok(found) => {
+                    debug!(
+                        "{} is build {:?} for {:?}",
+                        path.display(),
+                        found.build,
+                        found.product_types
                     );
-                    return Some(path);
+                    out.push(found);
                 }
-                Ok(found) => debug!(
-                    "{} is build {:?} for {:?}, not {build} for {product_type}",
-                    path.display(),
-                    found.build,
-                    found.product_types
-                ),
                 Err(e) => warn!("{e}"),
             }
         }
     }
-    None
+    out
+}
+
+/// The first of `found` (see [`local_ipsws`]) that is build `build` for `product_type`.
+pub fn pick_local_ipsw(found: &[LocalIpsw], product_type: &str, build: &str) -> Option<PathBuf> {
+    let hit = found.iter().find(|l| l.serves(product_type, build))?;
+    info!(
+        "using the local IPSW {} (build {build} for {product_type})",
+        hit.path.display()
+    );
+    Some(hit.path.clone())
+}
+
+/// The first `*.ipsw` below `dirs` (in the order given, then by path) whose BuildManifest is
+/// build `build` for `product_type`. Unreadable files are skipped with a warning.
+pub fn find_local_ipsw(dirs: &[PathBuf], product_type: &str, build: &str) -> Option<PathBuf> {
+    pick_local_ipsw(&local_ipsws(dirs), product_type, build)
 }
 
 /// Reads one file's BuildManifest (nothing else).

@@ -7,7 +7,7 @@ mod random_access;
 pub mod remote;
 pub mod zip;
 
-pub use local_sources::find_local_ipsw;
+pub use local_sources::{find_local_ipsw, local_ipsws, pick_local_ipsw, LocalIpsw};
 pub use partial::{Arrivals, PartialFile};
 pub use random_access::{LocalFile, RandomAccess};
 pub use remote::{RemoteConfig, RemoteError, RemoteFile, RemoteStats};
