@@ -162,7 +162,7 @@ pub struct Outcome {
 pub enum BootchainError {
     #[error("no Apple device in DFU appeared within {0} s: connect the Mac's DFU port to this machine and put it in DFU mode")]
     NoDevice(u64),
-    #[error("the Mac is in Recovery, not DFU: shut it down, then enter DFU (hold the DFU key combination while connecting), or pass --allow-recovery to start from Recovery")]
+    #[error("the Mac is in Recovery, not DFU: shut it down, then enter DFU (hold the DFU key combination while connecting), or allow starting from Recovery (--allow-recovery; on a station: allow_recovery = true under [station] in /data/macrescue/config.toml)")]
     InRecovery,
     #[error("the Mac's USB-C port controller is in Port DFU (05ac:f014): macrescue cannot restore it yet — connect the Mac's DFU port instead (support.apple.com/120694)")]
     PortDfu,

@@ -29,7 +29,9 @@ impl ClockSetter for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         let ts = libc::timespec {
-            tv_sec: d.as_secs() as libc::time_t,
+            // `as _` rather than naming `libc::time_t`, which musl's libc marks deprecated (its width
+            // is changing there); the field's own type is what clock_settime takes.
+            tv_sec: d.as_secs() as _,
             tv_nsec: d.subsec_nanos() as _,
         };
         // SAFETY: ts is a valid timespec for the duration of the call.

@@ -502,6 +502,7 @@ async fn clock_loop(
     // Give DHCP a moment to name the local time servers (often the only ones allowed).
     let _ = tokio::time::timeout(cfg.ntp_wait_for_dhcp, ntp_rx.wait_for(|n| n.is_some())).await;
     let mut backoff = Duration::from_secs(1);
+    let mut repeats = RepeatedWarning::default();
     loop {
         let from_dhcp = ntp_rx.borrow().clone().unwrap_or_default();
         let mut candidates: Vec<String> = from_dhcp
@@ -546,6 +547,7 @@ async fn clock_loop(
                     }
                 });
                 backoff = Duration::from_secs(1);
+                repeats = RepeatedWarning::default();
                 tokio::time::sleep(cfg.ntp_resync).await;
             }
             None => {
@@ -554,7 +556,11 @@ async fn clock_loop(
                 } else {
                     errors.join("; ")
                 };
-                tracing::warn!("clock not set yet: {why}");
+                if repeats.is_new(&why) {
+                    tracing::warn!("clock not set yet: {why}");
+                } else {
+                    tracing::debug!("clock still not set: {why}");
+                }
                 tx.send_modify(|st| {
                     // Once set, a failed re-sync does not make the clock wrong again.
                     if !matches!(st.clock, ClockState::Synced { .. }) {
@@ -571,9 +577,36 @@ async fn clock_loop(
     }
 }
 
+/// Remembers the last warning of a retry loop, so a station whose time servers stay silent
+/// logs the reason once (and again when it changes), not every few seconds for hours.
+#[derive(Default)]
+struct RepeatedWarning {
+    last: Option<String>,
+}
+
+impl RepeatedWarning {
+    fn is_new(&mut self, why: &str) -> bool {
+        if self.last.as_deref() == Some(why) {
+            return false;
+        }
+        self.last = Some(why.to_owned());
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_clock_warning_is_logged_once_until_it_changes() {
+        let mut r = RepeatedWarning::default();
+        assert!(r.is_new("no time server configured"));
+        assert!(!r.is_new("no time server configured"));
+        assert!(!r.is_new("no time server configured"));
+        assert!(r.is_new("10.0.2.2:123: timed out"));
+        assert!(r.is_new("no time server configured"));
+    }
 
     #[test]
     fn proxy_replaces_the_reachability_targets() {
