@@ -239,10 +239,14 @@ fn unsigned_builds_and_unlisted_ecids_are_not_eligible() {
     assert_eq!(status_of(&svc, &good).0, 94);
     cfg.signed_builds = Some(HashSet::from(["25C56".to_string()]));
     assert_eq!(status_of(&TssService::new(cfg.clone()), &good).0, 0);
+    // Local-policy requests name no build, but the allow-list still applies to them.
+    let lp = local_policy_request(&id, &[7; 48]);
     cfg.ecid_allow = Some(HashSet::from([ECID + 1]));
     assert_eq!(status_of(&TssService::new(cfg.clone()), &good).0, 94);
+    assert_eq!(status_of(&TssService::new(cfg.clone()), &lp).0, 94);
     cfg.ecid_allow = Some(HashSet::from([ECID]));
-    assert_eq!(status_of(&TssService::new(cfg), &good).0, 0);
+    assert_eq!(status_of(&TssService::new(cfg.clone()), &good).0, 0);
+    assert_eq!(status_of(&TssService::new(cfg), &lp).0, 0);
 }
 
 #[test]

@@ -371,6 +371,17 @@ impl TssService {
         }
     }
 
+    /// The scenario's ECID allow-list (a Mac Apple would refuse), for every kind of request.
+    fn check_ecid(&self, ecid: u64) -> Result<(), TssReply> {
+        match &self.config.ecid_allow {
+            Some(allow) if !allow.contains(&ecid) => {
+                tracing::info!("TSS: ECID {ecid:#x} is not allowed");
+                Err(TssReply::not_eligible())
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn evaluate_dict(&self, req: &Dictionary) -> Result<Vec<u8>, TssReply> {
         fn local_policy_request(req: &Dictionary) -> bool {
             req.contains_key("Ap,LocalPolicy")
@@ -433,29 +444,23 @@ impl TssService {
             None => None,
         };
 
-        if ubid.is_none() {
-            if let Some(allow) = &self.config.ecid_allow {
-                if !allow.contains(&ecid) {
-                    tracing::info!("TSS: ECID {ecid:#x} is not allowed");
-                    return Err(TssReply::not_eligible());
-                }
-            }
-            let mut spec = TicketSpec {
-                chip: chip as u32,
-                board: board as u32,
-                ecid,
-                security_domain: sdom as u32,
-                production: modes.production,
-                security: modes.security,
-                ap_nonce,
-                sep_nonce,
-                extra: Vec::new(),
-                components: Vec::new(),
-            };
+        let mut spec = TicketSpec {
+            chip: chip as u32,
+            board: board as u32,
+            ecid,
+            security_domain: sdom as u32,
+            production: modes.production,
+            security: modes.security,
+            ap_nonce,
+            sep_nonce,
+            extra: Vec::new(),
+            components: Vec::new(),
+        };
+        let Some(ubid) = ubid else {
+            self.check_ecid(ecid)?;
             local_policy_ticket(req, local_boot, &mut spec)?;
             return Ok(ticket::sign_im4m(&spec));
-        }
-        let ubid = ubid.unwrap_or_default();
+        };
         // The build and identity.
         let mut found = None;
         for m in &self.config.manifests {
@@ -489,25 +494,7 @@ impl TssService {
                 return Err(TssReply::not_eligible());
             }
         }
-        if let Some(allow) = &self.config.ecid_allow {
-            if !allow.contains(&ecid) {
-                tracing::info!("TSS: ECID {ecid:#x} is not allowed");
-                return Err(TssReply::not_eligible());
-            }
-        }
-
-        let mut spec = TicketSpec {
-            chip: chip as u32,
-            board: board as u32,
-            ecid,
-            security_domain: sdom as u32,
-            production: modes.production,
-            security: modes.security,
-            ap_nonce,
-            sep_nonce,
-            extra: Vec::new(),
-            components: Vec::new(),
-        };
+        self.check_ecid(ecid)?;
         if local_policy {
             local_policy_ticket(req, local_boot, &mut spec)?;
             return Ok(ticket::sign_im4m(&spec));
