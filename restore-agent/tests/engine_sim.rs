@@ -1113,7 +1113,8 @@ fn unplugged_after_bootx_the_mac_is_picked_up_again_and_finished() {
 }
 
 /// `n` Macs on one station with an empty cache and a slow CDN: every Mac is restored and the
-/// IPSW crosses the network once (one download, read by all of them while it runs).
+/// IPSW crosses the network once (one download, read by all of them while it runs), with the
+/// Macs restored at the same time.
 fn macs_share_one_download(n: u64) {
     use restore_agent::station::{Display, NoNetwork, Station, StationConfig};
     let env = env_with(&format!("share-{n}"), 8 << 20);
@@ -1172,11 +1173,18 @@ fn macs_share_one_download(n: u64) {
     }
     let lines = String::from_utf8(screen.0.lock().unwrap().clone()).unwrap();
     assert!(!lines.contains('\x1b'), "escape codes on a serial console");
+    // At once, not one after another: every Mac is on screen before the first one's report
+    // (the cache lock alone would also give one download if the Macs took turns).
+    let first_report = lines
+        .lines()
+        .position(|l| l.contains(": report "))
+        .expect("report lines");
     for i in 0..n {
         let ecid = format!("0x{:016X}", ECID + i);
+        let shown = lines.lines().position(|l| l.contains(&ecid));
         assert!(
-            lines.lines().any(|l| l.contains(&ecid)),
-            "{ecid} never shown:\n{lines}"
+            shown.is_some_and(|at| at < first_report),
+            "{ecid} not shown before the first report (line {first_report}):\n{lines}"
         );
     }
     let body = cdn.totals().body_bytes;
