@@ -90,7 +90,8 @@ for p in "${PKGS[@]}"; do
 done
 if ! ls "$DEBS"/busybox-static_*_"${DEB_ARCH}".deb >/dev/null 2>&1; then
     log "apt-get download busybox-static$SUFFIX"
-    (cd "$DEBS" && apt-get download -qq "busybox-static$SUFFIX" 2>&1 | grep -v 'unsandboxed' >&2 || true)
+    (cd "$DEBS" && apt-get download -qq "busybox-static$SUFFIX" 2>&1 |
+        grep -v 'unsandboxed' >&2 || true)
 fi
 BDEB="$(ls -t "$DEBS"/busybox-static_*_"${DEB_ARCH}".deb 2>/dev/null | head -1 || true)"
 [[ -f "$BDEB" ]] || die "download of busybox-static failed"

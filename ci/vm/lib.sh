@@ -70,12 +70,13 @@ run_vm_test() {
 }
 
 # extra_apt DEB_ARCH [SUITE]: sets EXTRA_APT to apt-get/apt-cache options for a private package
-# index of SUITE's main component (default or "backports": this Debian release's backports) and this release's
-# non-free-firmware for DEB_ARCH, kept in out/cache/apt-extra-DEB_ARCH-SUITE beside (never
-# instead of) the system's own lists. The arm64 images take the kernel from the next release's
-# backports (Raspberry Pi 5: RP1 drivers) and the Pi's boot firmware from non-free-firmware;
-# neither is in a stock Debian 12 sources list. The mirror is the one the system's sources
-# already use. Only package indexes and .debs are fetched: nothing from SUITE is installed.
+# index of SUITE's main component (default or "backports": this Debian release's backports)
+# and this release's non-free-firmware for DEB_ARCH, kept in out/cache/apt-extra-DEB_ARCH-SUITE
+# beside (never instead of) the system's own lists. The arm64 images take the kernel from the
+# next release's backports (Raspberry Pi 5: RP1 drivers) and the Pi's boot firmware from
+# non-free-firmware; neither is in a stock Debian 12 sources list. The mirror is the one the
+# system's sources already use. Only package indexes and .debs are fetched: nothing from SUITE
+# is installed.
 extra_apt() {
     local arch="$1" suite="${2:-}" codename mirror dir
     codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
@@ -109,7 +110,8 @@ deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirro
         if ! apt-get "${EXTRA_APT[@]}" update -qq >&2; then
             # A suite newer than the system is signed with keys that Debian 12's
             # debian-archive-keyring has only since 2023.3+deb12u2 (12.11): update it, retry.
-            [[ $(id -u) -eq 0 ]] || die "apt-get update of $suite failed (a newer debian-archive-keyring may help)"
+            [[ $(id -u) -eq 0 ]] ||
+                die "apt-get update of $suite failed (a newer debian-archive-keyring may help)"
             log "apt-get update of $suite failed: updating debian-archive-keyring, then again"
             apt-get update -qq >&2
             apt-get install -y -qq --no-install-recommends debian-archive-keyring >&2
