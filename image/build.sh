@@ -30,6 +30,7 @@
 #        MACRESCUE_DATA_MIB       size of the data partition (default 64; the init grows it to
 #                                 fill the medium on first boot)
 #        MACRESCUE_SKIP_BUILD=1   use the binaries already built
+#        MACRESCUE_KERNEL_SUITE   arm64: the Debian suite whose kernel to use (trixie-backports)
 #        MACRESCUE_IMAGE_KIND=reference  the boot-time reference instead (same kernel, same
 #                                 stick layout, busybox /init that prints the kernel uptime and
 #                                 powers off): out/macrescue-reference-PLATFORM.img
@@ -87,12 +88,22 @@ else
     # PHYs), the Pi 3's smsc95xx/lan78xx, PCIe r8169/e1000e, common USB adapters, virtio for
     # QEMU's virt machine. USB keyboards (usbhid): a board has no PS/2 keyboard for the
     # console's erase confirmation, the emergency shell and Ctrl-Alt-Del.
+    # Raspberry Pi 5: its USB ports, Ethernet and 40-pin GPIO sit on the RP1 chip behind PCIe
+    # (the root port needs the bcm2712-mip MSI controller): rp1_pci, RP1's clocks (clk-rp1) and
+    # GPIO (pinctrl-rp1), its two dwc3 xHCIs, its Cadence GEM NIC (macb, Broadcom PHY); its SD
+    # card: sdhci-brcmstb with the SoC's pinctrl and GPIO. Both Pis' SD slots are powered
+    # through regulator-fixed / regulator-gpio nodes (fixed, gpio-regulator).
     MODULES="xhci-pci xhci-plat-hcd ehci-pci ehci-platform ohci-pci ohci-platform dwc2 dwc3
      dwc3-of-simple reset-raspberrypi sdhci-iproc bcm2835 bcm2835_wdt $MODULES virtio_net virtio_mmio
      genet mdio-bcm-unimac broadcom bcm7xxx smsc95xx lan78xx r8169 e1000e r8152 cdc_ether
-     ax88179_178a usbhid hid-generic vhci-hcd"
-    # Debian 12's arm64 kernel (6.1) has no Raspberry Pi 5 device tree; backports' has.
-    export MACRESCUE_KERNEL_SUITE=backports
+     ax88179_178a usbhid hid-generic vhci-hcd
+     fixed gpio-regulator rp1_pci clk-rp1 pinctrl-rp1 macb irq-bcm2712-mip sdhci-brcmstb
+     pinctrl-brcmstb-bcm2712 gpio-brcmstb"
+    # The kernel for both arm64 images: Debian 13's backports, resolved through its
+    # linux-image-arm64 meta package on every build. Debian 12's 6.1 has no Pi 5 device tree
+    # and bookworm-backports' 6.12 no RP1 drivers; trixie-backports' kernels (6.18 on) have
+    # both (image/README.md, "aarch64 and Raspberry Pi").
+    export MACRESCUE_KERNEL_SUITE="${MACRESCUE_KERNEL_SUITE:-trixie-backports}"
     # systemd-boot-efi:arm64 cannot be installed beside the amd64 one: unpacked from its .deb.
     STUB="${MACRESCUE_EFI_STUB:-$VM_CACHE/systemd-boot-efi-arm64/usr/lib/systemd/boot/efi/linuxaa64.efi.stub}"
     OBJCOPY=aarch64-linux-gnu-objcopy
@@ -220,6 +231,8 @@ CMDLINE+="${MACRESCUE_KERNEL_ARGS:+ $MACRESCUE_KERNEL_ARGS}"
 printf '%s' "$CMDLINE" >"$STAGE/cmdline.txt"
 VMLINUZ="$KDEST/vmlinuz"
 BOOT_MIB=64
+# Debian's arm64 Image is uncompressed and grows (6.12: 42 MiB, 7.3: 49 MiB): room for years.
+[[ "$ARCH" == x86_64 ]] || BOOT_MIB=96
 
 if [[ "$PLATFORM" != rpi ]]; then
 # --- unified kernel image ----------------------------------------------------------------------
@@ -272,7 +285,7 @@ if [[ -z "$FWFILES" ]]; then
     FWDIR="$VM_CACHE/raspi-firmware"
     FWDEB="$(ls -t "$VM_CACHE"/debs/raspi-firmware_*_all.deb 2>/dev/null | head -1 || true)"
     if [[ -z "$FWDEB" || ! -f "$FWDIR/.stamp" || "$(cat "$FWDIR/.stamp")" != "$(basename "$FWDEB")" ]]; then
-        extra_apt arm64
+        extra_apt arm64 "$MACRESCUE_KERNEL_SUITE"
         (mkdir -p "$VM_CACHE/debs" && cd "$VM_CACHE/debs" &&
             apt-get "${EXTRA_APT[@]}" download -qq raspi-firmware 2>&1 | grep -v unsandboxed >&2 || true)
         FWDEB="$(ls -t "$VM_CACHE"/debs/raspi-firmware_*_all.deb 2>/dev/null | head -1 || true)"
@@ -290,10 +303,17 @@ for f in start4.elf fixup4.dat bootcode.bin; do
     install -m 0644 "$FWFILES/$f" "$B/$f"
 done
 # Pi 4 B, Pi 400, Compute Module 4 (on its IO board), Pi 5 B. The firmware picks by board.
+# A Pi 5 with the BCM2712 D0 stepping (2 and 16 GB, later 4 and 8 GB boards; other pin
+# controller) looks for bcm2712d0-rpi-5-b.dtb first: upstream calls it bcm2712-d-rpi-5-b.
 for d in bcm2711-rpi-4-b bcm2711-rpi-400 bcm2711-rpi-cm4-io bcm2712-rpi-5-b; do
     [[ -f "$DTBDIR/$d.dtb" ]] || die "kernel $KV has no $d.dtb"
     install -m 0644 "$DTBDIR/$d.dtb" "$B/$d.dtb"
 done
+if [[ -f "$DTBDIR/bcm2712-d-rpi-5-b.dtb" ]]; then
+    install -m 0644 "$DTBDIR/bcm2712-d-rpi-5-b.dtb" "$B/bcm2712d0-rpi-5-b.dtb"
+else
+    log "warning: kernel $KV has no bcm2712-d-rpi-5-b.dtb: D0 Pi 5 boards get the C1 tree"
+fi
 # Debian's arm64 vmlinuz is a plain (uncompressed) Image, which every Pi firmware loads.
 install -m 0644 "$VMLINUZ" "$B/vmlinuz"
 install -m 0644 "$INITRD" "$B/initramfs.zst"

@@ -37,6 +37,9 @@ let
       "reset-raspberrypi" "sdhci-iproc" "bcm2835" "bcm2835_wdt" "virtio_mmio" "genet"
       "mdio-bcm-unimac" "broadcom" "bcm7xxx" "smsc95xx" "lan78xx" "r8152" "cdc_ether"
       "ax88179_178a" "usbhid" "hid-generic" "macb" "mmc_block"
+      # Raspberry Pi 5 (RP1 behind PCIe, its SD card) and both Pis' SD power regulators.
+      "fixed" "gpio-regulator" "rp1_pci" "clk-rp1" "pinctrl-rp1" "irq-bcm2712-mip"
+      "sdhci-brcmstb" "pinctrl-brcmstb-bcm2712" "gpio-brcmstb"
     ];
   };
 

@@ -69,16 +69,21 @@ run_vm_test() {
     return $rc
 }
 
-# extra_apt DEB_ARCH: sets EXTRA_APT to apt-get/apt-cache options for a private package index
-# of this Debian release's backports (main) and non-free-firmware components for DEB_ARCH,
-# kept in out/cache/apt-extra-DEB_ARCH beside (never instead of) the system's own lists. The
-# arm64 images take the kernel from backports (Raspberry Pi 5 device tree) and the Pi's boot
-# firmware from non-free-firmware; neither is in a stock Debian 12 sources list. The mirror is
-# the one the system's sources already use.
+# extra_apt DEB_ARCH [SUITE]: sets EXTRA_APT to apt-get/apt-cache options for a private package
+# index of SUITE's main component (default or "backports": this Debian release's backports)
+# and this release's non-free-firmware for DEB_ARCH, kept in out/cache/apt-extra-DEB_ARCH-SUITE
+# beside (never instead of) the system's own lists. The arm64 images take the kernel from the
+# next release's backports (Raspberry Pi 5: RP1 drivers) and the Pi's boot firmware from
+# non-free-firmware; neither is in a stock Debian 12 sources list. The mirror is the one the
+# system's sources already use. Only package indexes and .debs are fetched: nothing from SUITE
+# is installed.
 extra_apt() {
-    local arch="$1" dir="$VM_CACHE/apt-extra-$1" codename mirror
+    local arch="$1" suite="${2:-}" codename mirror dir
     codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
     [[ -n "$codename" ]] || die "cannot tell the Debian release from /etc/os-release"
+    [[ -n "$suite" && "$suite" != backports ]] || suite="$codename-backports"
+    [[ "$suite" =~ ^[a-z]+(-[a-z]+)?$ ]] || die "not a Debian suite name: $suite"
+    dir="$VM_CACHE/apt-extra-$arch-$suite"
     # deb822 paragraphs (URIs:/Suites:) or one-line "deb URI SUITE ..." entries.
     mirror="$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null |
         awk -v c="$codename" 'BEGIN { RS = "" } { u = ""; s = 0
@@ -90,7 +95,7 @@ extra_apt() {
         /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)"
     [[ -n "$mirror" ]] || die "no Debian mirror for $codename in /etc/apt/sources.list*"
     mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
-    local want="deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $codename-backports main
+    local want="deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main
 deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $codename non-free-firmware"
     [[ -f "$dir/sources.list" && "$(cat "$dir/sources.list")" == "$want" ]] || {
         echo "$want" >"$dir/sources.list"
@@ -100,9 +105,18 @@ deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirro
         -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache"
         -o "APT::Architecture=$arch" -o "APT::Architectures::=$arch")
     # Refreshed once per run: a kernel update in backports replaces the old package at once.
-    if [[ "${EXTRA_APT_UPDATED:-}" != "$arch" ]]; then
-        log "apt-get update ($codename-backports, non-free-firmware for $arch, private lists)"
-        apt-get "${EXTRA_APT[@]}" update -qq >&2
-        export EXTRA_APT_UPDATED="$arch"
+    if [[ "${EXTRA_APT_UPDATED:-}" != "$arch $suite" ]]; then
+        log "apt-get update ($suite main, $codename non-free-firmware for $arch, private lists)"
+        if ! apt-get "${EXTRA_APT[@]}" update -qq >&2; then
+            # A suite newer than the system is signed with keys that Debian 12's
+            # debian-archive-keyring has only since 2023.3+deb12u2 (12.11): update it, retry.
+            [[ $(id -u) -eq 0 ]] ||
+                die "apt-get update of $suite failed (a newer debian-archive-keyring may help)"
+            log "apt-get update of $suite failed: updating debian-archive-keyring, then again"
+            apt-get update -qq >&2
+            apt-get install -y -qq --no-install-recommends debian-archive-keyring >&2
+            apt-get "${EXTRA_APT[@]}" update -qq >&2 || die "apt-get update of $suite failed"
+        fi
+        export EXTRA_APT_UPDATED="$arch $suite"
     fi
 }

@@ -180,6 +180,55 @@ alias too many words here
         assert!(t.lookup("").is_empty());
     }
 
+    // Device-tree and PHY aliases as depmod writes them for Debian's arm64 7.3 (trimmed): the
+    // Raspberry Pi 5's RP1 devices and SD card are platform devices matched this way.
+    const DT_SAMPLE: &str = "\
+alias of:N*T*Csnps,dwc3C* dwc3
+alias of:N*T*Csnps,dwc3 dwc3
+alias of:N*T*Craspberrypi,rp1-gemC* macb
+alias of:N*T*Craspberrypi,rp1-gem macb
+alias of:N*T*Craspberrypi,rp1-gpioC* pinctrl_rp1
+alias of:N*T*Craspberrypi,rp1-gpio pinctrl_rp1
+alias of:N*T*Cbrcm,bcm2712-sdhciC* sdhci_brcmstb
+alias of:N*T*Cbrcm,bcm2712-sdhci sdhci_brcmstb
+alias of:N*T*Cregulator-fixed-clock fixed
+alias of:N*T*Cregulator-fixed fixed
+alias platform:xhci-hcd xhci_plat_hcd
+alias pci:v00001DE4d00000001sv*sd*bc*sc*i* rp1_pci
+alias mdio:0110000000001101100001001010???? broadcom
+";
+
+    #[test]
+    fn finds_modules_for_device_tree_and_phy_modaliases() {
+        let t = AliasTable::parse(DT_SAMPLE);
+        // What the kernel publishes for the Pi 5's nodes (`of:N<name>T<type>C<compatible>...`).
+        assert_eq!(t.lookup("of:NusbT(null)Csnps,dwc3"), vec!["dwc3"]);
+        assert_eq!(t.lookup("of:NethernetTCraspberrypi,rp1-gem"), vec!["macb"]);
+        assert_eq!(
+            t.lookup("of:NpinctrlTCraspberrypi,rp1-gpio"),
+            vec!["pinctrl_rp1"]
+        );
+        // Several compatibles: the first one matches the `C*` form.
+        assert_eq!(
+            t.lookup("of:NmmcTCbrcm,bcm2712-sdhciCbrcm,sdhci-brcmstb"),
+            vec!["sdhci_brcmstb"]
+        );
+        // regulator-fixed must not be taken for regulator-fixed-clock, nor the reverse.
+        assert_eq!(t.lookup("of:Nsd-vcc-regTCregulator-fixed"), vec!["fixed"]);
+        assert!(t.lookup("of:NxTCregulator-fixedx").is_empty());
+        assert!(t.lookup("of:NusbTCsnps,dwc31").is_empty());
+        assert_eq!(t.lookup("platform:xhci-hcd"), vec!["xhci_plat_hcd"]);
+        assert_eq!(
+            t.lookup("pci:v00001DE4d00000001sv00001DE4sd00000001bc02sc00i00"),
+            vec!["rp1_pci"]
+        );
+        // The BCM54213PE PHY (ID 0x600d84a2) as phylib asks for it through request_module().
+        assert_eq!(
+            t.lookup("mdio:01100000000011011000010010100010"),
+            vec!["broadcom"]
+        );
+    }
+
     #[test]
     fn glob_behaves_like_fnmatch() {
         let m = |p: &str, t: &str| glob_match(p.as_bytes(), t.as_bytes());
