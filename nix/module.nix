@@ -56,8 +56,8 @@ in
     gpioButton = mkOption {
       type = types.nullOr types.str;
       default = null;
-      example = "/dev/gpiochip0:17";
-      description = "A GPIO erase-confirmation button (/dev/gpiochipN:LINE or a sysfs value file), held 3 s.";
+      example = "header:17";
+      description = "A GPIO erase-confirmation button (header:LINE for a Raspberry Pi's 40-pin header, /dev/gpiochipN:LINE, or a sysfs value file), held 3 s.";
     };
 
     maxMacs = mkOption {

@@ -48,7 +48,8 @@ pub struct Args {
     /// Default: [station] consoles, else the consoles the init set up ($MACRESCUE_CONSOLES).
     #[arg(long = "console", value_name = "TTY")]
     pub consoles: Vec<PathBuf>,
-    /// A GPIO erase button instead of a console: /dev/gpiochipN:LINE, or a sysfs value file.
+    /// A GPIO erase button instead of a console: /dev/gpiochipN:LINE, header:LINE (a Raspberry
+    /// Pi's 40-pin header, BCM GPIO number, found on any Pi model), or a sysfs value file.
     #[arg(long, value_name = "SPEC")]
     pub gpio_button: Option<String>,
     /// How long the GPIO button must be held, in seconds.
