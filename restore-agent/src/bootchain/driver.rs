@@ -713,8 +713,10 @@ impl<'a> Driver<'a> {
         let old_identity = cur.identity.clone();
         // Close the old handle so the OS can let go of the vanishing device.
         drop(cur);
-        let early = self.wait_departure(&old, rx, leave, after)?;
-        let info = self.wait_arrival(&old, old_identity.ecid, rx, back, after, early)?;
+        let mut elsewhere = Vec::new();
+        let early = self.wait_departure(&old, rx, leave, after, &mut elsewhere)?;
+        let info =
+            self.wait_arrival(&old, old_identity.ecid, rx, back, after, early, &elsewhere)?;
         let mode = AppleMode::from_ids(info.vendor_id, info.product_id);
         match (step, mode) {
             (_, Some(AppleMode::Recovery)) => {}
@@ -759,18 +761,20 @@ impl<'a> Driver<'a> {
         let old = cur.info.clone();
         let ecid = cur.identity.ecid;
         drop(cur);
-        let early = self.wait_departure(&old, rx, t.bootx_leave, "bootx")?;
+        let mut elsewhere = Vec::new();
+        let early = self.wait_departure(&old, rx, t.bootx_leave, "bootx", &mut elsewhere)?;
         if !self.options.wait_for_restore {
             return Ok(Executed::Booted(None));
         }
         (self.progress)(&Progress::Waiting("the restore ramdisk to come up"));
-        let info = match self.wait_arrival(&old, ecid, rx, t.restore_mode, "bootx", early) {
-            Ok(info) => info,
-            Err(BootchainError::DidNotReturn { .. }) => {
-                return Err(BootchainError::NoRestoreMode(t.restore_mode.as_secs()))
-            }
-            Err(e) => return Err(e),
-        };
+        let info =
+            match self.wait_arrival(&old, ecid, rx, t.restore_mode, "bootx", early, &elsewhere) {
+                Ok(info) => info,
+                Err(BootchainError::DidNotReturn { .. }) => {
+                    return Err(BootchainError::NoRestoreMode(t.restore_mode.as_secs()))
+                }
+                Err(e) => return Err(e),
+            };
         match AppleMode::from_ids(info.vendor_id, info.product_id) {
             Some(AppleMode::Restore) => {
                 (self.progress)(&Progress::RestoreMode {
@@ -787,13 +791,17 @@ impl<'a> Driver<'a> {
     }
 
     /// Wait until `old` leaves the bus. Returns a re-arrival at the same port if that was seen
-    /// first (the departure event can be lost on some hosts).
+    /// first (the departure event can be lost on some hosts). Apple devices arriving at other
+    /// ports meanwhile are collected in `elsewhere`: the Mac may come back on another port
+    /// before the host notices it left this one (a USB/IP client that could not wait for the
+    /// old port, a busy hub thread), and that arrival must not be lost.
     fn wait_departure(
         &mut self,
         old: &DeviceInfo,
         rx: &Receiver<HotplugEvent>,
         timeout: Duration,
         after: &'static str,
+        elsewhere: &mut Vec<DeviceInfo>,
     ) -> Result<Option<DeviceInfo>, BootchainError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -805,6 +813,8 @@ impl<'a> Driver<'a> {
                 {
                     return Ok(Some(d))
                 }
+                Ok(HotplugEvent::Arrived(d)) if is_apple(&d) => elsewhere.push(d),
+                Ok(HotplugEvent::Left(d)) => elsewhere.retain(|e| !same_enumeration(e, &d)),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
@@ -828,7 +838,9 @@ impl<'a> Driver<'a> {
         Ok(None)
     }
 
-    /// Wait for the Mac to show up again: at the same port, or elsewhere with the same ECID.
+    /// Wait for the Mac to show up again: at the same port, or elsewhere with the same ECID
+    /// (including the devices `elsewhere` that arrived while it was leaving).
+    #[allow(clippy::too_many_arguments)]
     fn wait_arrival(
         &mut self,
         old: &DeviceInfo,
@@ -837,6 +849,7 @@ impl<'a> Driver<'a> {
         timeout: Duration,
         after: &'static str,
         early: Option<DeviceInfo>,
+        elsewhere: &[DeviceInfo],
     ) -> Result<DeviceInfo, BootchainError> {
         if let Some(d) = early {
             return Ok(d);
@@ -847,10 +860,15 @@ impl<'a> Driver<'a> {
             .devices()
             .map_err(transport_err("listing USB devices"))?;
         if let Some(d) = present
-            .into_iter()
+            .iter()
             .find(|d| d.location == old.location && is_apple(d) && !same_enumeration(d, old))
         {
-            return Ok(d);
+            return Ok(d.clone());
+        }
+        for d in elsewhere {
+            if present.iter().any(|p| same_enumeration(p, d)) && self.has_ecid(d, ecid) {
+                return Ok(d.clone());
+            }
         }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1001,6 +1019,9 @@ mod tests {
         after_bootx: AfterBootx,
         /// Re-enumerate on this port instead of the original one.
         move_to: Option<UsbLocation>,
+        /// When moving: the arrival on the new port is reported before the departure from the
+        /// old one (a host whose hub thread is slow to notice the old port).
+        arrive_before_leaving: bool,
         senders: Vec<Sender<HotplugEvent>>,
         trace: Vec<String>,
         dfu_ops: Vec<String>,
@@ -1034,7 +1055,10 @@ mod tests {
 
         fn reenumerate(&mut self, firmware: Firmware, pid: Option<u16>) {
             let old = self.info();
-            self.emit(HotplugEvent::Left(old));
+            let late_departure = self.arrive_before_leaving && self.move_to.is_some();
+            if !late_departure {
+                self.emit(HotplugEvent::Left(old.clone()));
+            }
             self.firmware = firmware;
             self.address += 1;
             if let Some(loc) = self.move_to.take() {
@@ -1047,6 +1071,9 @@ mod tests {
                     self.emit(HotplugEvent::Arrived(new));
                 }
                 None => self.firmware = Firmware::Gone,
+            }
+            if late_departure {
+                self.emit(HotplugEvent::Left(old));
             }
         }
 
@@ -1383,6 +1410,7 @@ mod tests {
             after_ibss: AfterIbss::Recovery,
             after_bootx: AfterBootx::Restore,
             move_to: None,
+            arrive_before_leaving: false,
             senders: Vec::new(),
             trace: Vec::new(),
             dfu_ops: Vec::new(),
@@ -1777,6 +1805,26 @@ mod tests {
         let r = run(&bus(mac.clone()), FakeImages::default(), options());
         r.result.unwrap();
         assert_eq!(mac.lock().unwrap().trace[2..7], stage1_trace()[..5]);
+    }
+
+    #[test]
+    fn follows_a_mac_that_arrived_on_another_port_before_it_left_this_one() {
+        // Seen with two Macs over USB/IP: the hub thread reported the Mac on its new vhci port
+        // before the departure from the old one; that arrival must not be consumed unnoticed.
+        let mac = mac(0x1227, Firmware::Rom);
+        {
+            let mut m = mac.lock().unwrap();
+            m.move_to = Some(UsbLocation {
+                bus: 1,
+                ports: vec![4],
+            });
+            m.arrive_before_leaving = true;
+        }
+        let r = run(&bus(mac.clone()), FakeImages::default(), options());
+        r.result.unwrap();
+        let m = mac.lock().unwrap();
+        assert_eq!(m.trace[2..7], stage1_trace()[..5]);
+        assert_eq!(m.location.ports, vec![4]);
     }
 
     #[test]

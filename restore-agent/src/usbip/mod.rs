@@ -10,6 +10,7 @@
 //! closes the old connection, the kernel reports an unplug, and the next poll imports the new
 //! device — on the vhci port the bus id had before, so the agent sees one USB location.
 
+pub mod ports;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+pub use ports::Attached;
+use ports::PortChoice;
 pub use wire::{Exported, UsbipWireError, VhciPort};
 
 pub const DEFAULT_VHCI: &str = "/sys/devices/platform/vhci_hcd.0";
@@ -62,7 +65,8 @@ pub struct UsbipConfig {
     pub vhci: PathBuf,
     /// How often each server's device list is read.
     pub poll: Duration,
-    /// How long a re-enumerated device waits for its previous vhci port to be released.
+    /// How long a re-enumerated device waits for its previous vhci port to be released (by
+    /// vhci-hcd and by the USB core, see [`ports`]) before it takes another one.
     pub same_port_wait: Duration,
     pub io_timeout: Duration,
 }
@@ -73,17 +77,13 @@ impl Default for UsbipConfig {
             servers: Vec::new(),
             vhci: PathBuf::from(DEFAULT_VHCI),
             poll: Duration::from_millis(200),
-            same_port_wait: Duration::from_secs(3),
+            // Longer than the hub thread can be held up: a reset of a departing device costs
+            // it 5 s control timeouts (seen in the VM demo), and moving the Mac to another
+            // port would not make it appear any sooner.
+            same_port_wait: Duration::from_secs(20),
             io_timeout: Duration::from_secs(5),
         }
     }
-}
-
-/// What one device of one server is attached as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Attached {
-    devid: u32,
-    port: u32,
 }
 
 pub struct UsbipClient {
@@ -92,6 +92,10 @@ pub struct UsbipClient {
     attached: HashMap<(String, String), Attached>,
     /// Servers whose last poll failed (logged once per outage).
     failing: HashMap<String, String>,
+    /// Devices to import that wait for a usable port, since when.
+    waiting: HashMap<(String, String), Instant>,
+    /// Devices whose wait was logged (once per wait).
+    said_waiting: Vec<(String, String)>,
 }
 
 impl UsbipClient {
@@ -100,6 +104,8 @@ impl UsbipClient {
             cfg,
             attached: HashMap::new(),
             failing: HashMap::new(),
+            waiting: HashMap::new(),
+            said_waiting: Vec::new(),
         }
     }
 
@@ -152,22 +158,46 @@ impl UsbipClient {
         }
     }
 
-    /// Import every device of `server` that is not attached here.
+    /// Import every device of `server` that is new, or whose connection the kernel dropped,
+    /// as soon as a vhci port is usable for it. A device waiting for its previous port (see
+    /// [`ports`]) is looked at again on the next poll; it never holds up the others.
     pub fn poll(&mut self, server: &str) -> Result<(), UsbipError> {
         let list = self.devlist(server)?;
-        let ports = self.vhci_ports()?;
+        // A device that left the server while waiting for a port starts a new wait when it
+        // comes back.
+        self.waiting
+            .retain(|k, _| k.0 != server || list.iter().any(|d| d.busid == k.1));
+        self.said_waiting
+            .retain(|k| k.0 != server || list.iter().any(|d| d.busid == k.1));
+        let mut rows = self.vhci_ports()?;
         for dev in list {
             let key = (server.to_string(), dev.busid.clone());
             let current = self.attached.get(&key).copied();
-            if current.is_some_and(|a| {
-                a.devid == dev.devid()
-                    && ports
-                        .iter()
-                        .any(|p| p.port == a.port && !p.is_free() && p.devid == a.devid)
-            }) {
+            if !ports::needs_import(current, dev.devid(), &rows) {
+                self.waiting.remove(&key);
                 continue;
             }
-            match self.import(server, &dev, current.map(|a| a.port)) {
+            let hub = wire::hub_for_speed(dev.speed);
+            let preferred = current.map(|a| a.port);
+            let since = *self.waiting.entry(key.clone()).or_insert_with(Instant::now);
+            let keep_waiting = since.elapsed() < self.cfg.same_port_wait;
+            let lingering = |port| self.kernel_device_at(&rows, port);
+            let port = match ports::choose_port(&rows, hub, preferred, lingering, keep_waiting) {
+                PortChoice::Use(port) => port,
+                PortChoice::Wait => {
+                    if !self.said_waiting.contains(&key) {
+                        tracing::debug!(
+                            "usbip: {server} {} waits for its vhci port {} to come free (in vhci-hcd and in the USB core)",
+                            dev.busid,
+                            preferred.unwrap_or_default()
+                        );
+                        self.said_waiting.push(key);
+                    }
+                    continue;
+                }
+                PortChoice::NoneFree => return Err(UsbipError::NoFreePort(hub)),
+            };
+            match self.import(server, &dev, port) {
                 Ok(a) => {
                     tracing::info!(
                         "usbip: {server} {} ({:04x}:{:04x}) attached on vhci port {}",
@@ -176,7 +206,20 @@ impl UsbipClient {
                         dev.product_id,
                         a.port
                     );
-                    self.attached.insert(key, a);
+                    if preferred.is_some_and(|p| p != a.port) {
+                        tracing::warn!(
+                            "usbip: {server} {} moved from vhci port {} to {}: its old port did not come free within {:?}",
+                            dev.busid,
+                            preferred.unwrap_or_default(),
+                            a.port,
+                            self.cfg.same_port_wait
+                        );
+                    }
+                    self.attached.insert(key.clone(), a);
+                    self.waiting.remove(&key);
+                    self.said_waiting.retain(|k| *k != key);
+                    // The port just used is not free any more.
+                    rows = self.vhci_ports()?;
                 }
                 // Refused: another client holds it, or our kernel still holds the previous
                 // connection; the next poll tries again.
@@ -258,12 +301,8 @@ impl UsbipClient {
             })
     }
 
-    fn import(
-        &self,
-        server: &str,
-        dev: &Exported,
-        preferred: Option<u32>,
-    ) -> Result<Attached, UsbipError> {
+    /// Import `dev` and hand its connection to vhci-hcd on `port`.
+    fn import(&self, server: &str, dev: &Exported, port: u32) -> Result<Attached, UsbipError> {
         let mut s = self.connect(server)?;
         let io = |source| UsbipError::Io {
             server: server.to_string(),
@@ -292,7 +331,6 @@ impl UsbipClient {
                 None => {}
             }
         };
-        let port = self.free_port(wire::hub_for_speed(imported.speed), preferred)?;
         let line = wire::attach_line(port, s.as_raw_fd(), imported.devid(), imported.speed);
         let attach = self.cfg.vhci.join("attach");
         std::fs::write(&attach, line).map_err(|source| UsbipError::Vhci {
@@ -306,24 +344,28 @@ impl UsbipClient {
         })
     }
 
-    /// The previous port when it frees up in time (a re-enumerating Mac keeps its location),
-    /// else the first free one.
-    fn free_port(&self, hub: &'static str, preferred: Option<u32>) -> Result<u32, UsbipError> {
-        let deadline = Instant::now() + self.cfg.same_port_wait;
-        loop {
-            let free: Vec<u32> = self
-                .vhci_ports()?
-                .into_iter()
-                .filter(|p| p.hub == hub && p.is_free())
-                .map(|p| p.port)
-                .collect();
-            match preferred {
-                Some(p) if free.contains(&p) => return Ok(p),
-                Some(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                _ => return free.first().copied().ok_or(UsbipError::NoFreePort(hub)),
-            }
-        }
+    /// Does the USB core still have a device on vhci port `port`? Its sysfs directory
+    /// (`usbB/B-P` under the vhci platform device) exists from enumeration until the hub thread
+    /// handled the disconnect. When the layout is not what we know, say no: the old behaviour
+    /// (trust the `status` table) is better than never attaching.
+    fn kernel_device_at(&self, rows: &[VhciPort], port: u32) -> bool {
+        let Some((hub, rhport)) = ports::root_hub_port(rows, port) else {
+            return false;
+        };
+        let Ok(entries) = std::fs::read_dir(&self.cfg.vhci) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(bus) = name
+                .strip_prefix("usb")
+                .filter(|b| b.parse::<u32>().is_ok())
+            else {
+                return false;
+            };
+            let speed = std::fs::read_to_string(e.path().join("speed")).unwrap_or_default();
+            ports::hub_of_root_speed(&speed) == Some(hub)
+                && e.path().join(format!("{bus}-{rhport}")).exists()
+        })
     }
 }

@@ -61,8 +61,10 @@ const SPEED_HIGH: u32 = 3;
 /// vhci port state "free" in `status` (VDEV_ST_NULL).
 const VHCI_PORT_FREE: &str = "004";
 
-/// How long a re-attaching device waits for its previous vhci port to be released.
-const SAME_PORT_WAIT: Duration = Duration::from_secs(3);
+/// How long a re-attaching device waits for its previous vhci port to be released (by
+/// vhci-hcd and by the USB core; a hub thread held up by a 5 s control timeout must not move
+/// the device).
+const SAME_PORT_WAIT: Duration = Duration::from_secs(20);
 
 pub const DEFAULT_VHCI: &str = "/sys/devices/platform/vhci_hcd.0";
 
@@ -842,12 +844,21 @@ impl Attacher {
     }
 
     /// A free port of the right kind, the previous one if it frees up in time.
+    ///
+    /// Free means: vhci-hcd's `status` says so *and* the USB core has dropped the device it had
+    /// there. vhci-hcd frees a port the moment the connection closes, before the hub thread
+    /// has seen the disconnect; a device attached in that gap finds the port still "enabled"
+    /// with the old device registered, and when the descriptors are the same (iBSS → iBEC)
+    /// the kernel keeps the old device and reports nothing.
     fn free_port(&self, speed: u32, preferred: Option<u32>) -> io::Result<u32> {
         let hub = if speed >= 5 { "ss" } else { "hs" };
         let deadline = Instant::now() + SAME_PORT_WAIT;
         loop {
             let status = std::fs::read_to_string(self.vhci.join("status"))?;
-            let free = free_ports(&status, hub);
+            let free: Vec<u32> = free_ports(&status, hub)
+                .into_iter()
+                .filter(|&p| !self.usb_device_on(&status, p))
+                .collect();
             match preferred {
                 Some(p) if free.contains(&p) => return Ok(p),
                 Some(_) if Instant::now() < deadline => {
@@ -861,6 +872,53 @@ impl Attacher {
             }
         }
     }
+
+    /// Is the USB core's device for vhci port `port` still registered (`usbB/B-P` below the
+    /// vhci platform device, B the root hub of the port's kind)?
+    fn usb_device_on(&self, status: &str, port: u32) -> bool {
+        let Some((hub, rhport)) = root_hub_port(status, port) else {
+            return false;
+        };
+        let Ok(dir) = std::fs::read_dir(&self.vhci) else {
+            return false;
+        };
+        dir.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(bus) = name
+                .strip_prefix("usb")
+                .filter(|b| b.parse::<u32>().is_ok())
+            else {
+                return false;
+            };
+            let mbps: u32 = std::fs::read_to_string(e.path().join("speed"))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0);
+            let kind = if mbps >= 5000 { "ss" } else { "hs" };
+            mbps > 0 && kind == hub && e.path().join(format!("{bus}-{rhport}")).exists()
+        })
+    }
+}
+
+/// The hub kind and 1-based root-hub port of vhci port `port`: `status` lists each kind's
+/// ports in order, so it is the row's position among the rows of its kind.
+pub fn root_hub_port(status: &str, port: u32) -> Option<(String, u32)> {
+    let rows: Vec<(String, u32)> = status
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f.as_slice() {
+                [hub @ ("hs" | "ss"), p, ..] => Some((hub.to_string(), p.parse().ok()?)),
+                _ => None,
+            }
+        })
+        .collect();
+    let hub = rows.iter().find(|(_, p)| *p == port)?.0.clone();
+    let index = rows
+        .iter()
+        .filter(|(h, _)| *h == hub)
+        .position(|(_, p)| *p == port)?;
+    Some((hub, u32::try_from(index).ok()? + 1))
 }
 
 /// Free port numbers of hub kind `hub` ("hs"/"ss") in a vhci `status` file.
@@ -1019,5 +1077,37 @@ mod tests {
         assert_eq!(free_ports(status, "hs"), vec![1, 2]);
         assert_eq!(free_ports(status, "ss"), vec![8]);
         assert!(free_ports("garbage\n\n", "hs").is_empty());
+        assert_eq!(root_hub_port(status, 0), Some(("hs".to_string(), 1)));
+        assert_eq!(root_hub_port(status, 2), Some(("hs".to_string(), 3)));
+        assert_eq!(root_hub_port(status, 8), Some(("ss".to_string(), 1)));
+        assert_eq!(root_hub_port(status, 9), None);
+    }
+
+    #[test]
+    fn a_freed_port_is_not_used_while_the_usb_core_still_has_its_device() {
+        let dir = std::env::temp_dir().join(format!("mac-sim-vhci-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("usb3/3-1")).unwrap();
+        std::fs::write(dir.join("usb3/speed"), "480\n").unwrap();
+        std::fs::create_dir_all(dir.join("usb4")).unwrap();
+        std::fs::write(dir.join("usb4/speed"), "5000\n").unwrap();
+        std::fs::write(
+            dir.join("status"),
+            "hub port sta spd dev      sockfd local_busid\n\
+             hs  0000 004 000 00000000 000000 0-0\n\
+             hs  0001 004 000 00000000 000000 0-0\n\
+             ss  0002 004 000 00000000 000000 0-0\n",
+        )
+        .unwrap();
+        let a = Attacher {
+            server: "127.0.0.1:1".parse().unwrap(),
+            vhci: dir.clone(),
+            last_port: Arc::default(),
+        };
+        // Port 0 is free in the table but its old device (3-1) is still registered.
+        assert_eq!(a.free_port(SPEED_HIGH, None).unwrap(), 1);
+        std::fs::remove_dir_all(dir.join("usb3/3-1")).unwrap();
+        assert_eq!(a.free_port(SPEED_HIGH, Some(0)).unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
