@@ -230,6 +230,16 @@ impl Loader {
         self.coldplug_aliases(aliases)
     }
 
+    /// [`Loader::coldplug_where`], one device after another on this thread.
+    pub fn coldplug_serial(&self, sys_devices: &Path, wanted: impl Fn(&str) -> bool) -> usize {
+        let mut aliases = Vec::new();
+        collect_modaliases(sys_devices, &mut aliases, 0);
+        aliases.retain(|a| wanted(a));
+        aliases.sort();
+        aliases.dedup();
+        aliases.iter().map(|a| self.load_alias(a)).sum()
+    }
+
     /// Load the drivers for these devices' modaliases, one thread per device.
     pub fn coldplug_aliases(&self, mut aliases: Vec<String>) -> usize {
         aliases.sort();

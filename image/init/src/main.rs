@@ -193,19 +193,16 @@ fn run() -> anyhow::Result<()> {
                 t.elapsed().as_millis()
             );
             // Then, while the stick enumerates, the storage stack it needs (the image's extra
-            // modules) and every other device's drivers (the NIC).
-            let rest = std::thread::scope(|s| {
-                for m in &extra {
-                    let loader = &loader;
-                    s.spawn(move || {
-                        if let Err(e) = loader.load_name_or_alias(m) {
-                            warn!("{e}");
-                        }
-                    });
+            // modules) and every other device's drivers (the NIC), one module at a time: the
+            // kernel's USB hub work (debounce, reset, enumeration) needs a CPU meanwhile, and a
+            // module load does not yield its CPU while it relocates and checks signatures.
+            for m in &extra {
+                if let Err(e) = loader.load_name_or_alias(m) {
+                    warn!("{e}");
                 }
-                loader.coldplug_where(Path::new("/sys/devices"), |a| {
-                    !kmod::is_usb_host(a) && !hold.hold(a)
-                })
+            }
+            let rest = loader.coldplug_serial(Path::new("/sys/devices"), |a| {
+                !kmod::is_usb_host(a) && !hold.hold(a)
             });
             info!(
                 "coldplug: {} driver matches in {} ms",

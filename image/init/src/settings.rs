@@ -43,7 +43,7 @@ impl Default for Settings {
             data_label: Some("MACRESCUE".to_string()),
             data_wait: Duration::from_secs(10),
             restart_max: Duration::from_secs(30),
-            ready_after: Duration::from_millis(250),
+            ready_after: Duration::from_millis(100),
             modules: Vec::new(),
             debug: false,
         }
