@@ -74,6 +74,7 @@ fn modprobe_helper(args: Vec<String>) -> i32 {
 
 fn run() -> anyhow::Result<()> {
     mounts::early();
+    let started_at = uptime();
     let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let cmd = cmdline::parse(&line);
     let mut names =
@@ -105,16 +106,6 @@ fn run() -> anyhow::Result<()> {
             .without_time()
             .init();
     }
-    info!(
-        "macrescue-init {} on consoles {:?}, {:.2} s after kernel start",
-        env!("CARGO_PKG_VERSION"),
-        consoles.names(),
-        uptime()
-    );
-    for e in setting_errors {
-        warn!("kernel command line: {e}");
-    }
-
     // Signals are taken synchronously through a signalfd; threads started after this inherit
     // the mask, children get a clean one from std::process.
     let mut mask = SigSet::empty();
@@ -131,13 +122,6 @@ fn run() -> anyhow::Result<()> {
     mask.thread_block().context("cannot block signals")?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("cannot create a signalfd")?;
-    // Ctrl-Alt-Del becomes SIGINT for us instead of an immediate hard reboot.
-    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
-        warn!("cannot route Ctrl-Alt-Del to the init: {e}");
-    }
-    if let Err(e) = netif::loopback_up() {
-        warn!("cannot bring up lo: {e}");
-    }
 
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = std::fs::write("/proc/sys/kernel/modprobe", "/sbin/modprobe");
@@ -216,6 +200,23 @@ fn run() -> anyhow::Result<()> {
             .map_err(|e| warn!("cannot start the coldplug thread ({e}); loading drivers first"))
             .ok()
     };
+    // Everything else waits until the USB host controllers' drivers are on their way: the
+    // stick's enumeration cannot start before them.
+    info!(
+        "macrescue-init {} on consoles {:?}, {started_at:.2} s after kernel start",
+        env!("CARGO_PKG_VERSION"),
+        consoles.names(),
+    );
+    for e in setting_errors {
+        warn!("kernel command line: {e}");
+    }
+    // Ctrl-Alt-Del becomes SIGINT for us instead of an immediate hard reboot.
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        warn!("cannot route Ctrl-Alt-Del to the init: {e}");
+    }
+    if let Err(e) = netif::loopback_up() {
+        warn!("cannot bring up lo: {e}");
+    }
     if drivers.is_none() {
         // The closure moved into the failed spawn; load on this thread instead.
         for m in &settings.modules {
