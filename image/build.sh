@@ -114,6 +114,12 @@ else
     CONSOLES="console=tty0 console=ttyAMA0,115200"
     [[ "$PLATFORM" != rpi ]] || CONSOLES="console=tty1 console=ttyS1,115200 console=ttyAMA10,115200"
 fi
+# USB keyboards (the erase confirmation, the emergency shell, Ctrl-Alt-Del): usbhid, and besides
+# hid-generic the HID drivers that claim common keyboards instead of it (the kernel's special-
+# driver list: Apple, Logitech and its receivers, Microsoft, Lenovo, Cherry, Chicony). They load
+# by modalias when a keyboard appears, never at boot without one.
+MODULES+=" usbhid hid-generic hid-apple hid-logitech hid-logitech-dj hid-microsoft hid-lenovo
+ hid-cherry hid-chicony"
 
 need_pkg cpio cpio
 need_pkg zstd zstd
@@ -223,10 +229,10 @@ echo "$SOURCE_DATE_EPOCH" >"$PARTS/source-date-epoch"
 # macrescue.modules: the stick's storage stack loads while the host controllers come up, not
 # after the stick appears; usb-storage.delay_use=0: probe the stick when it enumerates, not a
 # second later (the init rescans SCSI hosts if a slow stick showed no disk; image/README.md).
-# vhci-hcd (the station's USB/IP client) has no device to be matched by modalias: load it at
-# boot, before the station (loading it later, from the running station, hung the guest).
+# vhci-hcd (the station's USB/IP client) is not listed: the init loads it before the station
+# starts when the station is set up for USB/IP (--usbip, or usbip in the config file).
 CMDLINE="$CONSOLES quiet loglevel=4 panic=10"
-[[ "$KIND" != station ]] || CMDLINE+=" macrescue.station=\"$STATION\" macrescue.modules=usb-storage,uas,sd_mod,exfat,vhci-hcd usb-storage.delay_use=0"
+[[ "$KIND" != station ]] || CMDLINE+=" macrescue.station=\"$STATION\" macrescue.modules=usb-storage,uas,sd_mod,exfat usb-storage.delay_use=0"
 CMDLINE+="${MACRESCUE_KERNEL_ARGS:+ $MACRESCUE_KERNEL_ARGS}"
 printf '%s' "$CMDLINE" >"$STAGE/cmdline.txt"
 VMLINUZ="$KDEST/vmlinuz"

@@ -12,7 +12,7 @@ use nix::sys::socket::{
 };
 use tracing::{debug, info, warn};
 
-use crate::kmod::Loader;
+use crate::kmod::{self, Loader};
 use crate::uevent::Uevent;
 
 /// Multicast group 1 carries the kernel's own events (udevd's re-broadcast is group 2).
@@ -42,6 +42,7 @@ impl UeventSocket {
     pub fn spawn(
         self,
         loader: Arc<Loader>,
+        hold: Arc<BootHold>,
         mut on_event: impl FnMut(&Uevent) + Send + 'static,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
@@ -52,8 +53,13 @@ impl UeventSocket {
                     match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
                         Ok(n) => match Uevent::parse(&buf[..n]) {
                             Ok(ev) => {
-                                if let Some(alias) = ev.modalias_to_load() {
-                                    if loader.load_alias(alias) > 0 {
+                                if let Some(alias) =
+                                    ev.modalias_to_load().filter(|a| !hold.hold(a))
+                                {
+                                    // Only news: a line per device whose driver was already
+                                    // there (USB/IP's sixteen root hubs) is console time at
+                                    // boot (a framebuffer scrolls slowly under emulation).
+                                    if loader.load_alias_counted(alias).inserted > 0 {
                                         info!("hotplug: drivers for {} ({alias})", ev.devpath);
                                     }
                                 }
@@ -74,6 +80,52 @@ impl UeventSocket {
                     }
                 }
             })
+    }
+}
+
+/// Modaliases held back while the init waits for the data partition ([`kmod::waits_for_data`]),
+/// loaded once it is handled: on the way to `/data` the CPU belongs to the stick.
+#[derive(Default)]
+pub struct BootHold {
+    /// `Some` while holding.
+    held: Mutex<Option<Vec<String>>>,
+}
+
+impl BootHold {
+    pub fn holding() -> Self {
+        Self {
+            held: Mutex::new(Some(Vec::new())),
+        }
+    }
+
+    /// Keep `modalias` for later if still holding and it is one to hold; false: load it now.
+    pub fn hold(&self, modalias: &str) -> bool {
+        if !kmod::waits_for_data(modalias) {
+            return false;
+        }
+        match self.held.lock() {
+            Ok(mut g) => match g.as_mut() {
+                Some(list) => {
+                    list.push(modalias.to_string());
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        }
+    }
+
+    /// Stop holding; returns what was held (each once, in arrival order).
+    pub fn release(&self) -> Vec<String> {
+        let mut list = self
+            .held
+            .lock()
+            .ok()
+            .and_then(|mut g| g.take())
+            .unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        list.retain(|a| seen.insert(a.clone()));
+        list
     }
 }
 
@@ -116,6 +168,22 @@ impl Wakeup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_keyboards_until_released_and_never_the_stick() {
+        let h = BootHold::holding();
+        let kbd = "usb:v0627p0001d0000dc00dsc00dp00ic03isc01ip01in00";
+        assert!(h.hold(kbd));
+        assert!(h.hold("hid:b0003g0001v00000627p00000001"));
+        assert!(h.hold(kbd), "a second keyboard like the first");
+        assert!(!h.hold("usb:v46F4p0001d0000dc00dsc00dp00ic08isc06ip50in00"));
+        assert!(!h.hold("scsi:t-0x00"));
+        assert_eq!(h.release(), vec![kbd, "hid:b0003g0001v00000627p00000001"]);
+        // After the release everything loads at once.
+        assert!(!h.hold(kbd));
+        assert!(h.release().is_empty());
+        assert!(!BootHold::default().hold(kbd), "the default does not hold");
+    }
 
     #[test]
     fn a_notify_before_the_wait_is_not_lost() {

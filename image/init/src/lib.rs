@@ -22,6 +22,7 @@ pub mod mounts;
 pub mod netif;
 pub mod settings;
 pub mod shutdown;
+pub mod softdep;
 pub mod supervisor;
 pub mod uevent;
 

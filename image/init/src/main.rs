@@ -9,13 +9,13 @@ use std::os::fd::AsFd;
 use anyhow::Context;
 use macrescue_init::backoff::Backoff;
 use macrescue_init::consoles::{parse_proc_consoles, ConsoleWriter, Consoles};
-use macrescue_init::hotplug::{UeventSocket, Wakeup};
+use macrescue_init::hotplug::{BootHold, UeventSocket, Wakeup};
 use macrescue_init::kmod::Loader;
 use macrescue_init::settings::Settings;
 use macrescue_init::shutdown::{self, Action};
 use macrescue_init::uevent::Uevent;
 use macrescue_init::{
-    cmdline, config, datapart, growpart, kmod, markers, mounts, netif, supervisor,
+    cmdline, config, datapart, growpart, kmod, markers, mounts, netif, settings, supervisor,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -74,6 +74,7 @@ fn modprobe_helper(args: Vec<String>) -> i32 {
 
 fn run() -> anyhow::Result<()> {
     mounts::early();
+    let started_at = uptime();
     let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let cmd = cmdline::parse(&line);
     let mut names =
@@ -90,28 +91,21 @@ fn run() -> anyhow::Result<()> {
             setting_errors.push(e);
         }
     }
-    let debug_enabled = settings.debug;
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_writer(move || ConsoleWriter(consoles))
-        .with_max_level(if debug_enabled {
-            tracing::Level::DEBUG
-        } else {
-            tracing::Level::INFO
-        })
-        .without_time()
         .with_target(false)
-        .with_ansi(false)
-        .init();
-    info!(
-        "macrescue-init {} on consoles {:?}, {:.2} s after kernel start",
-        env!("CARGO_PKG_VERSION"),
-        consoles.names(),
-        uptime()
-    );
-    for e in setting_errors {
-        warn!("kernel command line: {e}");
+        .with_ansi(false);
+    if settings.debug {
+        // Seconds since kernel start, as the kernel's own lines show them: the debug log is
+        // how boot time is taken apart (image/README.md, "Where the time goes").
+        fmt.with_max_level(tracing::Level::DEBUG)
+            .with_timer(KernelClock)
+            .init();
+    } else {
+        fmt.with_max_level(tracing::Level::INFO)
+            .without_time()
+            .init();
     }
-
     // Signals are taken synchronously through a signalfd; threads started after this inherit
     // the mask, children get a clean one from std::process.
     let mut mask = SigSet::empty();
@@ -128,13 +122,6 @@ fn run() -> anyhow::Result<()> {
     mask.thread_block().context("cannot block signals")?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("cannot create a signalfd")?;
-    // Ctrl-Alt-Del becomes SIGINT for us instead of an immediate hard reboot.
-    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
-        warn!("cannot route Ctrl-Alt-Del to the init: {e}");
-    }
-    if let Err(e) = netif::loopback_up() {
-        warn!("cannot bring up lo: {e}");
-    }
 
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = std::fs::write("/proc/sys/kernel/modprobe", "/sbin/modprobe");
@@ -143,6 +130,7 @@ fn run() -> anyhow::Result<()> {
     );
     // Block-device uevents wake the wait for the data partition (no sysfs polling).
     let block_events = Arc::new(Wakeup::default());
+    let hold = Arc::new(BootHold::holding());
     match UeventSocket::open() {
         Ok(sock) => {
             let media = macrescue_init::media::Media::new(settings.data_label.clone());
@@ -151,9 +139,13 @@ fn run() -> anyhow::Result<()> {
                 if ev.get("SUBSYSTEM") == Some("block") {
                     wake.notify();
                 }
+                // A technician plugging in a keyboard to type an erase code sees that it works.
+                if let Some(name) = ev.added_input_device() {
+                    info!("input device: {name}");
+                }
                 media.handle(ev)
             };
-            if let Err(e) = sock.spawn(loader.clone(), on_event) {
+            if let Err(e) = sock.spawn(loader.clone(), hold.clone(), on_event) {
                 warn!("cannot start the hotplug thread: {e}");
             }
         }
@@ -166,28 +158,39 @@ fn run() -> anyhow::Result<()> {
     // one after another by the hotplug thread then.
     let drivers = {
         let loader = loader.clone();
+        let hold = hold.clone();
         let extra = settings.modules.clone();
         let load = move || {
             let t = Instant::now();
-            // First the path to /data alone: USB host controllers and the storage stack. Module
-            // loading is CPU-bound (signature check, relocation), and on a slow or emulated CPU
-            // the NIC's drivers would share the CPU with that critical path; they load next,
-            // while the stick enumerates.
-            let first = std::thread::scope(|s| {
-                for m in &extra {
-                    let loader = &loader;
-                    s.spawn(move || {
-                        if let Err(e) = loader.load_name_or_alias(m) {
-                            warn!("{e}");
-                        }
-                    });
+            // First the USB host controllers, alone: the stick is behind one, and once its root
+            // hub is registered the kernel spends ~0.3 s on USB timers (power-good, debounce,
+            // port reset) before the stick enumerates. Module loading is CPU-bound (signature
+            // check, relocation): anything loaded alongside only delays those timers' start.
+            // They are PCI devices: the bus's few entries, not a walk of all of sysfs.
+            let hosts: Vec<String> = kmod::bus_modaliases(Path::new("/sys/bus/pci/devices"))
+                .into_iter()
+                .filter(|a| kmod::is_usb_host(a))
+                .collect();
+            let first = loader.coldplug_aliases(hosts);
+            debug!(
+                "coldplug: USB host controllers in {} ms",
+                t.elapsed().as_millis()
+            );
+            // Then, while the stick enumerates, the storage stack it needs (the image's extra
+            // modules) and every other device's drivers (the NIC), one module at a time: the
+            // kernel's USB hub work (debounce, reset, enumeration) needs a CPU meanwhile, and a
+            // module load does not yield its CPU while it relocates and checks signatures.
+            for m in &extra {
+                if let Err(e) = loader.load_name_or_alias(m) {
+                    warn!("{e}");
                 }
-                loader.coldplug_where(Path::new("/sys/devices"), kmod::is_usb_host)
+            }
+            let rest = loader.coldplug_serial(Path::new("/sys/devices"), |a| {
+                !kmod::is_usb_host(a) && !hold.hold(a)
             });
-            let matched =
-                first + loader.coldplug_where(Path::new("/sys/devices"), |a| !kmod::is_usb_host(a));
             info!(
-                "coldplug: {matched} driver matches in {} ms",
+                "coldplug: {} driver matches in {} ms",
+                first + rest,
                 t.elapsed().as_millis()
             );
         };
@@ -197,6 +200,23 @@ fn run() -> anyhow::Result<()> {
             .map_err(|e| warn!("cannot start the coldplug thread ({e}); loading drivers first"))
             .ok()
     };
+    // Everything else waits until the USB host controllers' drivers are on their way: the
+    // stick's enumeration cannot start before them.
+    info!(
+        "macrescue-init {} on consoles {:?}, {started_at:.2} s after kernel start",
+        env!("CARGO_PKG_VERSION"),
+        consoles.names(),
+    );
+    for e in setting_errors {
+        warn!("kernel command line: {e}");
+    }
+    // Ctrl-Alt-Del becomes SIGINT for us instead of an immediate hard reboot.
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        warn!("cannot route Ctrl-Alt-Del to the init: {e}");
+    }
+    if let Err(e) = netif::loopback_up() {
+        warn!("cannot bring up lo: {e}");
+    }
     if drivers.is_none() {
         // The closure moved into the failed spawn; load on this thread instead.
         for m in &settings.modules {
@@ -216,9 +236,11 @@ fn run() -> anyhow::Result<()> {
     if let Some(h) = drivers {
         let _ = h.join();
     }
+    let mut config_text = String::new();
     if data.is_some() {
         match std::fs::read_to_string(CONFIG) {
             Ok(text) => {
+                config_text = text.clone();
                 let (entries, errors) = config::parse(&text);
                 for e in errors {
                     warn!("{CONFIG}: {e}");
@@ -238,6 +260,29 @@ fn run() -> anyhow::Result<()> {
                 debug!("no {CONFIG}; using the image's settings")
             }
             Err(e) => warn!("cannot read {CONFIG}: {e}; using the image's settings"),
+        }
+    }
+    // Keyboards and other devices held back on the way to /data get their drivers now, beside
+    // the station's start.
+    let held = hold.release();
+    if !held.is_empty() {
+        let loader = loader.clone();
+        let load = move || {
+            for alias in held {
+                if loader.load_alias_counted(&alias).inserted > 0 {
+                    info!("hotplug: drivers for {alias} (held until /data was handled)");
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name("held".into()).spawn(load) {
+            warn!("cannot load the held-back drivers: {e}");
+        }
+    }
+    // USB/IP's vhci-hcd, only when the station will use it: before the station starts (loading
+    // it under a running station hung the guest), not on the way to /data.
+    if settings::station_uses_usbip(&settings.station, &config_text) {
+        if let Err(e) = loader.load_name_or_alias("vhci-hcd") {
+            warn!("the station is set up for USB/IP but {e}");
         }
     }
     supervise(settings, consoles, sfd, data)
@@ -284,6 +329,11 @@ fn mount_data(
         block_events.wait_past(seen, left.min(Duration::from_millis(250)));
     };
     let dev = datapart::node(&part);
+    debug!(
+        "{} appeared after {} ms",
+        part.devname,
+        start.elapsed().as_millis()
+    );
     // First boot on a bigger medium: grow before anything reads the partition.
     match growpart::on_boot(&part.devname, label) {
         Ok(Some(line)) => consoles.write_all_consoles(format!("{line}\n").as_bytes()),
@@ -314,6 +364,7 @@ fn mount_data(
         debug!("{e}");
     }
     let target = Path::new(DATA_DIR);
+    debug!("mounting {} ({fstype})", dev.display());
     match mounts::data(&dev, fstype, target) {
         Ok(()) => {
             let _ = std::fs::create_dir_all(target.join("macrescue"));
@@ -478,6 +529,15 @@ fn supervise(
             }
         }
         reap(&mut station, shell.as_mut());
+    }
+}
+
+/// Debug-log timestamps on the kernel's clock (`[    2.345678]` in dmesg, here `2.346`).
+struct KernelClock;
+
+impl tracing_subscriber::fmt::time::FormatTime for KernelClock {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{:.3}", uptime())
     }
 }
 

@@ -43,7 +43,7 @@ impl Default for Settings {
             data_label: Some("MACRESCUE".to_string()),
             data_wait: Duration::from_secs(10),
             restart_max: Duration::from_secs(30),
-            ready_after: Duration::from_millis(250),
+            ready_after: Duration::from_millis(100),
             modules: Vec::new(),
             debug: false,
         }
@@ -116,13 +116,7 @@ impl Settings {
                     .map(Duration::from_millis)
                     .map_err(|_| invalid("milliseconds"))?
             }
-            "modules" => {
-                self.modules = value
-                    .split([',', ' '])
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
+            "modules" => self.modules = module_list(value),
             "debug" => {
                 self.debug = match value {
                     "true" | "1" | "yes" | "on" => true,
@@ -146,6 +140,47 @@ impl Settings {
             })
             .collect()
     }
+}
+
+/// Whether the station will import Macs over USB/IP (`--usbip` on its command line, or
+/// `usbip` under `[station]` in the config file, as a string or an array): then it needs
+/// vhci-hcd, which no device asks for by modalias. Without USB/IP the boot skips it (sixteen
+/// virtual root hubs: work no real station needs).
+pub fn station_uses_usbip(station: &[String], config_text: &str) -> bool {
+    if station
+        .iter()
+        .any(|a| a == "--usbip" || a.starts_with("--usbip="))
+    {
+        return true;
+    }
+    let mut section = "";
+    for line in config_text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if let Some(name) = line.strip_prefix('[') {
+            section = name.trim_end_matches(']').trim();
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        let in_station = (section == "station" && key == "usbip") || key == "station.usbip";
+        let value = value
+            .trim()
+            .trim_matches(|c| matches!(c, '"' | '\'' | '[' | ']' | ' '));
+        if in_station && !is_off(value) {
+            return true;
+        }
+    }
+    false
+}
+
+/// `vhci-hcd,exfat` or `vhci-hcd exfat`.
+fn module_list(v: &str) -> Vec<String> {
+    v.split([',', ' '])
+        .filter(|m| !m.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn seconds(v: &str) -> Option<Duration> {
@@ -209,6 +244,38 @@ mod tests {
             ]
         );
         assert_eq!(s.data_wait, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn usbip_servers_in_flags_or_config_ask_for_vhci() {
+        let plain = cmdline::split("restore-agent station --data /data");
+        assert!(!station_uses_usbip(&plain, ""));
+        assert!(station_uses_usbip(
+            &cmdline::split("restore-agent station --usbip 10.0.2.100:40005"),
+            ""
+        ));
+        assert!(station_uses_usbip(
+            &cmdline::split("restore-agent station --usbip=h:1"),
+            ""
+        ));
+        // What ci/demo writes, an array, a dotted key; and what must not count.
+        assert!(station_uses_usbip(
+            &plain,
+            "[init]\nmodules = \"vhci-hcd\"\n[station]\nusbip = \"10.0.2.100:40005\"\n"
+        ));
+        assert!(station_uses_usbip(
+            &plain,
+            "[station] # the lab\nusbip = [\"a:1\", \"b:2\"]\n"
+        ));
+        assert!(station_uses_usbip(&plain, "station.usbip = 'a:1'\n"));
+        assert!(!station_uses_usbip(&plain, "[station]\nusbip = \"\"\n"));
+        assert!(!station_uses_usbip(&plain, "[station]\nusbip = []\n"));
+        assert!(!station_uses_usbip(&plain, "[station]\nusbip = \"off\"\n"));
+        assert!(!station_uses_usbip(&plain, "[net]\nusbip = \"a:1\"\n"));
+        assert!(!station_uses_usbip(
+            &plain,
+            "[station]\n# usbip = \"a:1\"\n"
+        ));
     }
 
     #[test]

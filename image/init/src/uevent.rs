@@ -61,6 +61,16 @@ impl Uevent {
             .filter(|m| !m.is_empty())
     }
 
+    /// The name of an input device that appeared (`QEMU QEMU USB Keyboard`): the input core's
+    /// `inputN` device, not its `eventN`/`mouseN` handler nodes (those carry no `NAME`).
+    pub fn added_input_device(&self) -> Option<&str> {
+        (self.action == "add" && self.get("SUBSYSTEM") == Some("input"))
+            .then(|| self.get("NAME"))
+            .flatten()
+            .map(|n| n.trim_matches('"'))
+            .filter(|n| !n.is_empty())
+    }
+
     /// `DEVNAME` of a partition that appeared (`sda2`).
     pub fn added_partition(&self) -> Option<&str> {
         (self.action == "add"
@@ -106,6 +116,24 @@ DEVNAME=sda2\0PARTN=2\0PARTNAME=MACRESCUE\0";
         let e = Uevent::parse(remove).unwrap();
         assert_eq!(e.modalias_to_load(), None);
         assert_eq!(e.added_partition(), None);
+    }
+
+    #[test]
+    fn names_input_devices_once() {
+        // A USB keyboard as usbhid + hid-generic announce it: the input device, then its
+        // handler's node (evdev), which has no NAME.
+        let input = b"add@/devices/pci0000:00/0000:00:02.0/usb2/2-2/2-2:1.0/0003:0627:0001.0001/input/input3\0\
+ACTION=add\0SUBSYSTEM=input\0PRODUCT=3/627/1/111\0NAME=\"QEMU QEMU USB Keyboard\"\0\
+PHYS=\"usb-0000:00:02.0-2/input0\"\0EV=120013\0MODALIAS=input:b0003v0627p0001e0111-e0,1,4,11,14,k\0";
+        let e = Uevent::parse(input).unwrap();
+        assert_eq!(e.added_input_device(), Some("QEMU QEMU USB Keyboard"));
+        let node = b"add@/devices/x/input/input3/event3\0ACTION=add\0SUBSYSTEM=input\0\
+MAJOR=13\0MINOR=67\0DEVNAME=input/event3\0";
+        assert_eq!(Uevent::parse(node).unwrap().added_input_device(), None);
+        let gone = b"remove@/devices/x/input/input3\0ACTION=remove\0SUBSYSTEM=input\0NAME=\"K\"\0";
+        assert_eq!(Uevent::parse(gone).unwrap().added_input_device(), None);
+        let unnamed = b"add@/devices/x/input/input4\0ACTION=add\0SUBSYSTEM=input\0NAME=\"\"\0";
+        assert_eq!(Uevent::parse(unnamed).unwrap().added_input_device(), None);
     }
 
     #[test]

@@ -454,8 +454,14 @@ async fn report_network(mut rx: watch::Receiver<NetStatus>, info: Arc<NetInfo>) 
                 .iter()
                 .find_map(|l| l.dhcp.as_ref().map(|d| (l.name.clone(), d.clone())))
             {
+                // The kernel's clock: ci/boot --benchmark measures boot time up to this line.
+                let since_boot = std::fs::read_to_string("/proc/uptime")
+                    .ok()
+                    .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+                    .map(|s| format!(", {s:.2} s after kernel start"))
+                    .unwrap_or_default();
                 println!(
-                    "MACRESCUE: station ready, address {}/{} from DHCP on {link}",
+                    "MACRESCUE: station ready, address {}/{} from DHCP on {link}{since_boot}",
                     d.address, d.prefix_len
                 );
                 ready = true;
