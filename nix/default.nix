@@ -31,12 +31,16 @@ let
       "xhci-pci" "ehci-pci" "ohci-pci" "uhci-hcd" "usb-storage" "uas" "sd_mod" "vfat" "exfat"
       "nls_cp437" "nls_ascii" "nls_utf8" "nls_iso8859-1" "virtio_net" "virtio_pci" "e1000"
       "e1000e" "r8169" "vhci-hcd"
+      # USB keyboards (erase confirmation, emergency shell): usbhid and the HID drivers that
+      # claim common keyboards before hid-generic would.
+      "usbhid" "hid-generic" "hid-apple" "hid-logitech" "hid-logitech-dj" "hid-microsoft"
+      "hid-lenovo" "hid-cherry" "hid-chicony"
     ];
     aarch64 = [
       "xhci-plat-hcd" "ehci-platform" "ohci-platform" "dwc2" "dwc3" "dwc3-of-simple"
       "reset-raspberrypi" "sdhci-iproc" "bcm2835" "bcm2835_wdt" "virtio_mmio" "genet"
       "mdio-bcm-unimac" "broadcom" "bcm7xxx" "smsc95xx" "lan78xx" "r8152" "cdc_ether"
-      "ax88179_178a" "usbhid" "hid-generic" "macb" "mmc_block"
+      "ax88179_178a" "macb" "mmc_block"
       # Raspberry Pi 5 (RP1 behind PCIe, its SD card) and both Pis' SD power regulators.
       "fixed" "gpio-regulator" "rp1_pci" "clk-rp1" "pinctrl-rp1" "irq-bcm2712-mip"
       "sdhci-brcmstb" "pinctrl-brcmstb-bcm2712" "gpio-brcmstb"
