@@ -143,6 +143,18 @@ fn each_updater_failure_has_its_status() {
         f(&mut r);
         status(&svc, &r)
     };
+    // One field of the retimer's firmware entry changed; the reply's status.
+    let with_field = |field: &str, v: Value| {
+        with(&|r| {
+            let e = r
+                .get_mut("Timer,RTKitOS,1")
+                .unwrap()
+                .as_dictionary_mut()
+                .unwrap();
+            e.insert(field.into(), v.clone());
+        })
+        .0
+    };
     // Missing coprocessor identifiers or nonce: malformed.
     let (s, m) = with(&|r| {
         r.remove("Timer,Nonce,1");
@@ -166,43 +178,13 @@ fn each_updater_failure_has_its_status() {
     );
     // Info left in: malformed.
     assert_eq!(
-        with(&|r| {
-            let e = r
-                .get_mut("Timer,RTKitOS,1")
-                .unwrap()
-                .as_dictionary_mut()
-                .unwrap();
-            e.insert("Info".into(), Value::Dictionary(Dictionary::new()));
-        })
-        .0,
+        with_field("Info", Value::Dictionary(Dictionary::new())),
         100
     );
     // Rules give EPRO true for a production AP.
-    assert_eq!(
-        with(&|r| {
-            let e = r
-                .get_mut("Timer,RTKitOS,1")
-                .unwrap()
-                .as_dictionary_mut()
-                .unwrap();
-            e.insert("EPRO".into(), Value::Boolean(false));
-        })
-        .0,
-        100
-    );
+    assert_eq!(with_field("EPRO", Value::Boolean(false)), 100);
     // Another build's digest, or a retimer chip the build does not have: not eligible.
-    assert_eq!(
-        with(&|r| {
-            let e = r
-                .get_mut("Timer,RTKitOS,1")
-                .unwrap()
-                .as_dictionary_mut()
-                .unwrap();
-            e.insert("Digest".into(), Value::Data(vec![0; 32]));
-        })
-        .0,
-        94
-    );
+    assert_eq!(with_field("Digest", Value::Data(vec![0; 32])), 94);
     assert_eq!(
         with(&|r| {
             r.insert("Timer,ChipID,1".into(), Value::Integer(0x1234.into()));

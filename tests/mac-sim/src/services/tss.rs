@@ -228,6 +228,25 @@ pub(super) struct Modes {
 }
 
 impl Modes {
+    /// A checked component's ticket entry: EPRO/ESEC as the manifest's rules gave them
+    /// (`expect`), else these modes.
+    pub(super) fn component(
+        &self,
+        fourcc: FourCc,
+        digest: Option<&[u8]>,
+        expect: &Dictionary,
+        trusted: Option<bool>,
+    ) -> ComponentEntry {
+        let rule = |k: &str| expect.get(k).and_then(Value::as_boolean);
+        ComponentEntry {
+            fourcc,
+            digest: digest.unwrap_or_default().to_vec(),
+            epro: rule("EPRO").unwrap_or(self.production),
+            esec: rule("ESEC").unwrap_or(self.security),
+            ekey: trusted,
+        }
+    }
+
     fn param(&self, condition: &str) -> Option<Value> {
         match condition {
             "ApRawProductionMode" | "ApCurrentProductionMode" => {
@@ -579,19 +598,8 @@ impl TssService {
             if !seen.insert(fourcc) {
                 continue;
             }
-            spec.components.push(ComponentEntry {
-                fourcc,
-                digest: got_digest.unwrap_or_default().to_vec(),
-                epro: expect
-                    .get("EPRO")
-                    .and_then(Value::as_boolean)
-                    .unwrap_or(modes.production),
-                esec: expect
-                    .get("ESEC")
-                    .and_then(Value::as_boolean)
-                    .unwrap_or(modes.security),
-                ekey: trusted,
-            });
+            spec.components
+                .push(modes.component(fourcc, got_digest, &expect, trusted));
         }
         Ok(ticket::sign_im4m(&spec))
     }

@@ -213,19 +213,11 @@ fn check_entry(
             "{name}.Trusted does not match the manifest"
         )));
     }
-    Ok(ComponentEntry {
-        fourcc: fourcc_for(name, None),
-        digest: got_digest.unwrap_or_default().to_vec(),
-        epro: expect
-            .get("EPRO")
-            .and_then(Value::as_boolean)
-            .unwrap_or(cop.production),
-        esec: expect
-            .get("ESEC")
-            .and_then(Value::as_boolean)
-            .unwrap_or(cop.security),
-        ekey: trusted,
-    })
+    let modes = Modes {
+        production: cop.production,
+        security: cop.security,
+    };
+    Ok(modes.component(fourcc_for(name, None), got_digest, &expect, trusted))
 }
 
 /// The ticket objects when `identity` is the request's build, else why not.
