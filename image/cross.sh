@@ -30,18 +30,11 @@ fi
 need_pkg "$CROSS-gcc" "gcc-$CROSS"
 need_pkg /usr/include/aarch64-linux-musl/stdio.h musl-dev:arm64
 need_pkg /usr/include/aarch64-linux-gnu/asm/types.h linux-libc-dev:arm64
-command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
-if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
-    log "rustup target add $TARGET"
-    rustup target add "$TARGET" >&2
-fi
+need_rust_target "$TARGET"
 
 # musl's headers, then only the kernel's (not glibc's), then gcc's own (stddef.h, arm_neon.h).
 KH="$VM_CACHE/musl-kernel-headers-$ARCH"
-mkdir -p "$KH"
-ln -sfn /usr/include/linux "$KH/linux"
-ln -sfn /usr/include/asm-generic "$KH/asm-generic"
-ln -sfn /usr/include/aarch64-linux-gnu/asm "$KH/asm"
+musl_kernel_headers "$KH" aarch64-linux-gnu
 GCC_INC="$("$CROSS-gcc" -print-file-name=include)"
 export CC_aarch64_unknown_linux_musl="$CROSS-gcc"
 export AR_aarch64_unknown_linux_musl="$CROSS-ar"

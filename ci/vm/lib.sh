@@ -25,6 +25,23 @@ need_pkg() {
     apt-get install -y -qq --no-install-recommends "$pkg" >&2
 }
 
+# need_rust_target TARGET: Rust's standard library for TARGET, added by rustup when missing.
+need_rust_target() {
+    command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
+    rustup target list --installed 2>/dev/null | grep -qx "$1" && return 0
+    log "rustup target add $1"
+    rustup target add "$1" >&2
+}
+
+# musl_kernel_headers DIR GNU_TRIPLE: makes DIR an include dir with only the kernel's uapi
+# headers (asm/ from /usr/include/GNU_TRIPLE), so a musl C build never picks up glibc's.
+musl_kernel_headers() {
+    mkdir -p "$1"
+    ln -sfn /usr/include/linux "$1/linux"
+    ln -sfn /usr/include/asm-generic "$1/asm-generic"
+    ln -sfn "/usr/include/$2/asm" "$1/asm"
+}
+
 # Debian architecture name for a Rust/QEMU one.
 deb_arch() {
     case "$1" in

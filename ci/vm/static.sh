@@ -10,18 +10,11 @@ TARGET=x86_64-unknown-linux-musl
 need_pkg musl-gcc musl-tools
 # linux/*.h for libusb's usbfs backend: musl-gcc ships no kernel headers.
 need_pkg /usr/include/linux/usbdevice_fs.h linux-libc-dev
-command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
-if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
-    log "rustup target add $TARGET"
-    rustup target add "$TARGET" >&2
-fi
+need_rust_target "$TARGET"
 
 # An include dir with only the kernel headers, so musl-gcc does not pick up glibc's.
 KH="$VM_CACHE/musl-kernel-headers"
-mkdir -p "$KH"
-ln -sfn /usr/include/linux "$KH/linux"
-ln -sfn /usr/include/asm-generic "$KH/asm-generic"
-ln -sfn /usr/include/x86_64-linux-gnu/asm "$KH/asm"
+musl_kernel_headers "$KH" x86_64-linux-gnu
 export CFLAGS_x86_64_unknown_linux_musl="-isystem $KH"
 # Never build libusb's udev backend: the image has no udevd, and libusb's netlink backend is
 # what delivers hotplug there (see restore-agent/src/usb/rusb_edge.rs).
