@@ -116,7 +116,7 @@ impl Loader {
         let modules = self.aliases.lookup(modalias);
         let mut inserted = 0;
         for m in &modules {
-            match self.load_counted(m) {
+            match self.load_nested(m, 0) {
                 Ok(n) => inserted += n,
                 Err(e) => warn!("{modalias}: {e}"),
             }
@@ -140,16 +140,12 @@ impl Loader {
 
     /// Load one module and its dependencies; already loaded or built-in ones are skipped.
     pub fn load(&self, name: &str) -> Result<(), KmodError> {
-        self.load_counted(name).map(|_| ())
+        self.load_nested(name, 0).map(|_| ())
     }
 
-    /// [`Loader::load`], returning how many modules this call inserted.
-    fn load_counted(&self, name: &str) -> Result<usize, KmodError> {
-        self.load_nested(name, 0)
-    }
-
-    /// Soft dependencies may name modules with soft dependencies of their own; `depth` bounds
-    /// that (real chains are one deep; a cycle in a broken index must not recurse forever).
+    /// [`Loader::load`], returning how many modules this call inserted. Soft dependencies may
+    /// name modules with soft dependencies of their own; `depth` bounds that (real chains are
+    /// one deep; a cycle in a broken index must not recurse forever).
     fn load_nested(&self, name: &str, depth: usize) -> Result<usize, KmodError> {
         let mut inserted = 0;
         if self.deps.is_builtin(name) {
