@@ -1,8 +1,9 @@
 //! `/data/macrescue/config.toml`: the owner's settings on the data partition.
 //!
 //! Only the small TOML subset a person writes by hand is understood: `[section]` headers,
-//! `key = "string"`, `key = 'literal'`, integers and booleans, `#` comments. A line we cannot
-//! read is reported and skipped instead of failing the whole file: a typo in one setting must
+//! `key = "string"`, `key = 'literal'`, integers and booleans, one-line arrays of strings,
+//! `#` comments. A line we cannot read is reported and skipped instead of failing the whole
+//! file: a typo in one setting must
 //! not stop the station from starting.
 
 use thiserror::Error;
@@ -96,12 +97,35 @@ fn strip_comment(s: &str) -> &str {
 }
 
 fn parse_value(v: &str) -> Result<String, &'static str> {
+    if let Some((text, after)) = quoted(v)? {
+        only_comment_after(after).map(|()| text)
+    } else if let Some(rest) = v.strip_prefix('[') {
+        parse_array(rest)
+    } else {
+        let bare = strip_comment(v).trim();
+        if bare == "true" || bare == "false" {
+            return Ok(bare.to_string());
+        }
+        let digits = bare
+            .strip_prefix(['-', '+'])
+            .unwrap_or(bare)
+            .replace('_', "");
+        if !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) {
+            return Ok(bare.replace('_', "").trim_start_matches('+').to_string());
+        }
+        Err("value is not a quoted string, an integer or true/false")
+    }
+}
+
+/// A `"basic"` or `'literal'` string at the start of `v`: its text and what follows it;
+/// `None` when `v` does not start with a quote.
+fn quoted(v: &str) -> Result<Option<(String, &str)>, &'static str> {
     if let Some(rest) = v.strip_prefix('"') {
         let mut out = String::new();
         let mut chars = rest.chars();
         while let Some(c) = chars.next() {
             match c {
-                '"' => return only_comment_after(chars.as_str()).map(|()| out),
+                '"' => return Ok(Some((out, chars.as_str()))),
                 '\\' => match chars.next() {
                     Some('"') => out.push('"'),
                     Some('\\') => out.push('\\'),
@@ -117,20 +141,37 @@ fn parse_value(v: &str) -> Result<String, &'static str> {
         let Some((body, after)) = rest.split_once('\'') else {
             return Err("string without its closing '");
         };
-        only_comment_after(after).map(|()| body.to_string())
+        Ok(Some((body.to_string(), after)))
     } else {
-        let bare = strip_comment(v).trim();
-        if bare == "true" || bare == "false" {
-            return Ok(bare.to_string());
+        Ok(None)
+    }
+}
+
+/// A one-line array of strings (`["a:1", 'b:2']`, the station's lists), kept as the items
+/// joined with `, `: the init only needs to know whether such a setting is there, and the
+/// station reads the file itself.
+fn parse_array(mut rest: &str) -> Result<String, &'static str> {
+    let mut items = Vec::new();
+    loop {
+        rest = rest.trim_start();
+        if let Some(after) = rest.strip_prefix(']') {
+            let after = after.trim();
+            return if after.is_empty() || after.starts_with('#') {
+                Ok(items.join(", "))
+            } else {
+                Err("text after the closing ]")
+            };
         }
-        let digits = bare
-            .strip_prefix(['-', '+'])
-            .unwrap_or(bare)
-            .replace('_', "");
-        if !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) {
-            return Ok(bare.replace('_', "").trim_start_matches('+').to_string());
+        let Some((item, after)) = quoted(rest)? else {
+            return Err("array item is not a quoted string (arrays must be on one line)");
+        };
+        items.push(item);
+        rest = after.trim_start();
+        if let Some(after) = rest.strip_prefix(',') {
+            rest = after;
+        } else if !rest.starts_with(']') {
+            return Err("array items must be separated by , and the array closed with ]");
         }
-        Err("value is not a quoted string, an integer or true/false")
     }
 }
 
@@ -182,6 +223,40 @@ mod tests {
             ]
         );
         assert_eq!(entries[1].line, 5);
+    }
+
+    #[test]
+    fn reads_the_stations_one_line_arrays_without_a_warning() {
+        let text = "[station]\n\
+                    usbip = [\"10.0.2.100:3240\", 'b:2'] # the lab\n\
+                    consoles = [ ]\n\
+                    [net]\n\
+                    ntp = [\"a\",]\n";
+        let (entries, errors) = parse(text);
+        assert_eq!(errors, vec![]);
+        assert_eq!(
+            kv(&entries),
+            vec![
+                ("station.usbip", "10.0.2.100:3240, b:2"),
+                ("station.consoles", ""),
+                ("net.ntp", "a"),
+            ]
+        );
+        let (entries, errors) = parse("a = [\"x\"\nb = [1, 2]\nc = [\"x\" \"y\"]\nd = [] z\n");
+        assert_eq!(entries, vec![]);
+        let reasons: Vec<&str> = errors
+            .iter()
+            .map(|ConfigError::Line { reason, .. }| *reason)
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                "array items must be separated by , and the array closed with ]",
+                "array item is not a quoted string (arrays must be on one line)",
+                "array items must be separated by , and the array closed with ]",
+                "text after the closing ]",
+            ]
+        );
     }
 
     #[test]

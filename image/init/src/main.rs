@@ -236,12 +236,12 @@ fn run() -> anyhow::Result<()> {
     if let Some(h) = drivers {
         let _ = h.join();
     }
-    let mut config_text = String::new();
+    let mut entries = Vec::new();
     if data.is_some() {
         match std::fs::read_to_string(CONFIG) {
             Ok(text) => {
-                config_text = text.clone();
-                let (entries, errors) = config::parse(&text);
+                let errors;
+                (entries, errors) = config::parse(&text);
                 for e in errors {
                     warn!("{CONFIG}: {e}");
                 }
@@ -280,7 +280,7 @@ fn run() -> anyhow::Result<()> {
     }
     // USB/IP's vhci-hcd, only when the station will use it: before the station starts (loading
     // it under a running station hung the guest), not on the way to /data.
-    if settings::station_uses_usbip(&settings.station, &config_text) {
+    if settings::station_uses_usbip(&settings.station, &entries) {
         if let Err(e) = loader.load_name_or_alias("vhci-hcd") {
             warn!("the station is set up for USB/IP but {e}");
         }

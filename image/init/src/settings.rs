@@ -146,33 +146,13 @@ impl Settings {
 /// `usbip` under `[station]` in the config file, as a string or an array): then it needs
 /// vhci-hcd, which no device asks for by modalias. Without USB/IP the boot skips it (sixteen
 /// virtual root hubs: work no real station needs).
-pub fn station_uses_usbip(station: &[String], config_text: &str) -> bool {
-    if station
+pub fn station_uses_usbip(station: &[String], config: &[crate::config::Entry]) -> bool {
+    station
         .iter()
         .any(|a| a == "--usbip" || a.starts_with("--usbip="))
-    {
-        return true;
-    }
-    let mut section = "";
-    for line in config_text.lines() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if let Some(name) = line.strip_prefix('[') {
-            section = name.trim_end_matches(']').trim();
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        let key = key.trim();
-        let in_station = (section == "station" && key == "usbip") || key == "station.usbip";
-        let value = value
-            .trim()
-            .trim_matches(|c| matches!(c, '"' | '\'' | '[' | ']' | ' '));
-        if in_station && !is_off(value) {
-            return true;
-        }
-    }
-    false
+        || config
+            .iter()
+            .any(|e| e.key == "station.usbip" && !is_off(&e.value))
 }
 
 /// `vhci-hcd,exfat` or `vhci-hcd exfat`.
@@ -249,32 +229,48 @@ mod tests {
     #[test]
     fn usbip_servers_in_flags_or_config_ask_for_vhci() {
         let plain = cmdline::split("restore-agent station --data /data");
-        assert!(!station_uses_usbip(&plain, ""));
+        let config = |text: &str| crate::config::parse(text).0;
+        assert!(!station_uses_usbip(&plain, &config("")));
         assert!(station_uses_usbip(
             &cmdline::split("restore-agent station --usbip 10.0.2.100:40005"),
-            ""
+            &config("")
         ));
         assert!(station_uses_usbip(
             &cmdline::split("restore-agent station --usbip=h:1"),
-            ""
+            &config("")
         ));
         // What ci/demo writes, an array, a dotted key; and what must not count.
         assert!(station_uses_usbip(
             &plain,
-            "[init]\nmodules = \"vhci-hcd\"\n[station]\nusbip = \"10.0.2.100:40005\"\n"
+            &config("[init]\nmodules = \"vhci-hcd\"\n[station]\nusbip = \"10.0.2.100:40005\"\n")
         ));
         assert!(station_uses_usbip(
             &plain,
-            "[station] # the lab\nusbip = [\"a:1\", \"b:2\"]\n"
+            &config("[station] # the lab\nusbip = [\"a:1\", \"b:2\"]\n")
         ));
-        assert!(station_uses_usbip(&plain, "station.usbip = 'a:1'\n"));
-        assert!(!station_uses_usbip(&plain, "[station]\nusbip = \"\"\n"));
-        assert!(!station_uses_usbip(&plain, "[station]\nusbip = []\n"));
-        assert!(!station_uses_usbip(&plain, "[station]\nusbip = \"off\"\n"));
-        assert!(!station_uses_usbip(&plain, "[net]\nusbip = \"a:1\"\n"));
+        assert!(station_uses_usbip(
+            &plain,
+            &config("station.usbip = 'a:1'\n")
+        ));
         assert!(!station_uses_usbip(
             &plain,
-            "[station]\n# usbip = \"a:1\"\n"
+            &config("[station]\nusbip = \"\"\n")
+        ));
+        assert!(!station_uses_usbip(
+            &plain,
+            &config("[station]\nusbip = []\n")
+        ));
+        assert!(!station_uses_usbip(
+            &plain,
+            &config("[station]\nusbip = \"off\"\n")
+        ));
+        assert!(!station_uses_usbip(
+            &plain,
+            &config("[net]\nusbip = \"a:1\"\n")
+        ));
+        assert!(!station_uses_usbip(
+            &plain,
+            &config("[station]\n# usbip = \"a:1\"\n")
         ));
     }
 
