@@ -92,10 +92,15 @@ pub struct UsbipClient {
     attached: HashMap<(String, String), Attached>,
     /// Servers whose last poll failed (logged once per outage).
     failing: HashMap<String, String>,
-    /// Devices to import that wait for a usable port, since when.
-    waiting: HashMap<(String, String), Instant>,
-    /// Devices whose wait was logged (once per wait).
-    said_waiting: Vec<(String, String)>,
+    /// Devices to import that wait for a usable port.
+    waiting: HashMap<(String, String), PortWait>,
+}
+
+/// A device's wait for a usable vhci port.
+struct PortWait {
+    since: Instant,
+    /// The wait was logged (once per wait).
+    said: bool,
 }
 
 impl UsbipClient {
@@ -105,7 +110,6 @@ impl UsbipClient {
             attached: HashMap::new(),
             failing: HashMap::new(),
             waiting: HashMap::new(),
-            said_waiting: Vec::new(),
         }
     }
 
@@ -167,8 +171,6 @@ impl UsbipClient {
         // comes back.
         self.waiting
             .retain(|k, _| k.0 != server || list.iter().any(|d| d.busid == k.1));
-        self.said_waiting
-            .retain(|k| k.0 != server || list.iter().any(|d| d.busid == k.1));
         let mut rows = self.vhci_ports()?;
         for dev in list {
             let key = (server.to_string(), dev.busid.clone());
@@ -179,19 +181,26 @@ impl UsbipClient {
             }
             let hub = wire::hub_for_speed(dev.speed);
             let preferred = current.map(|a| a.port);
-            let since = *self.waiting.entry(key.clone()).or_insert_with(Instant::now);
+            let since = self
+                .waiting
+                .entry(key.clone())
+                .or_insert_with(|| PortWait {
+                    since: Instant::now(),
+                    said: false,
+                })
+                .since;
             let keep_waiting = since.elapsed() < self.cfg.same_port_wait;
             let lingering = |port| self.kernel_device_at(&rows, port);
             let port = match ports::choose_port(&rows, hub, preferred, lingering, keep_waiting) {
                 PortChoice::Use(port) => port,
                 PortChoice::Wait => {
-                    if !self.said_waiting.contains(&key) {
+                    if let Some(w) = self.waiting.get_mut(&key).filter(|w| !w.said) {
                         tracing::debug!(
                             "usbip: {server} {} waits for its vhci port {} to come free (in vhci-hcd and in the USB core)",
                             dev.busid,
                             preferred.unwrap_or_default()
                         );
-                        self.said_waiting.push(key);
+                        w.said = true;
                     }
                     continue;
                 }
@@ -217,7 +226,6 @@ impl UsbipClient {
                     }
                     self.attached.insert(key.clone(), a);
                     self.waiting.remove(&key);
-                    self.said_waiting.retain(|k| *k != key);
                     // The port just used is not free any more.
                     rows = self.vhci_ports()?;
                 }
