@@ -599,6 +599,11 @@ impl Player {
                 }
                 self.send(main, d)?;
                 if *status != 0 {
+                    // The host must have the failure before the Mac goes (a `dfu-after-failure`
+                    // Mac re-enumerates at once): a link dropped with the StatusMsg still in
+                    // flight reads as a pulled cable, and the erase that could fix the Mac is
+                    // never offered. A host that stopped reading only costs the timeout.
+                    let _ = main.flush_acked(self.timeout);
                     return Err(Stop::Done(Outcome::DeviceFailed { status: *status }));
                 }
                 let r = read_frame(main, self.timeout)?;
