@@ -104,7 +104,7 @@ let
         name = "macrescue-${kind}-image";
         inherit src;
         nativeBuildInputs = with pkgs; [
-          bash coreutils findutils gnused gawk gnugrep cpio zstd xz
+          bash coreutils findutils gnused gawk gnugrep cpio zstd lz4 xz
           binutils-unwrapped-all-targets mtools dosfstools exfatprogs util-linux
         ];
         dontConfigure = true;
@@ -134,7 +134,7 @@ let
       qemuBoot = pkgs.runCommand "macrescue-qemu-${arch}" { } ''
         mkdir -p $out
         ln -s ${kernel}/${kernelTarget} $out/kernel
-        ln -s ${usbImage}/parts/initramfs.cpio.zst $out/initramfs.cpio.zst
+        ln -s ${usbImage}/parts/initramfs.img $out/initramfs.img
         echo 'console=${serial.${arch}} loglevel=4 panic=10 macrescue.station="restore-agent station --data /data --cache /data/ipsw --ipsw-dir /media"' > $out/cmdline
       '';
       firmware =
@@ -196,7 +196,7 @@ in
   devShells.default = pkgs.mkShell {
     packages = with pkgs; [
       cargo rustc clippy rustfmt pkg-config
-      qemu cpio zstd xz mtools dosfstools exfatprogs util-linux kmod sbsigntool
+      qemu cpio zstd lz4 xz mtools dosfstools exfatprogs util-linux kmod sbsigntool
     ];
   };
 

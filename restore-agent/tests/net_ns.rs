@@ -84,8 +84,9 @@ fn skip_reason() -> Option<String> {
     (!ok).then(|| "network namespaces are unavailable here (`ip netns add` failed)".into())
 }
 
-fn setup() -> Namespaces {
-    let id = std::process::id() % 100_000;
+/// Namespaces for one test; `tag` keeps the tests of one run apart.
+fn setup(tag: &str) -> Namespaces {
+    let id = format!("{tag}{}", std::process::id() % 100_000);
     let dir = std::env::temp_dir().join(format!("macrescue-net-ns-{id}"));
     std::fs::create_dir_all(&dir).unwrap();
     let ns = Namespaces {
@@ -224,7 +225,7 @@ fn dhcp_lease_route_dns_renewal_and_clock_in_namespaces() {
         println!("SKIPPED net_ns: {why}");
         return;
     }
-    let mut ns = setup();
+    let mut ns = setup("a");
     start_dnsmasq(&mut ns);
     let skew = Duration::from_secs(86_400);
     lan_services(ns.lan.clone(), skew);
@@ -370,4 +371,81 @@ fn dhcp_lease_route_dns_renewal_and_clock_in_namespaces() {
         std::panic::resume_unwind(e);
     }
     assert!(!set.is_empty(), "the dry-run clock was never set");
+}
+
+/// The station starts networking before its config file is readable and applies the file's
+/// `[net]` settings later: a link it no longer manages loses its lease and address at once, a
+/// link it manages again gets one, and stopping removes what DHCP configured.
+#[test]
+fn settings_applied_after_the_start_take_links_away_and_back() {
+    if let Some(why) = skip_reason() {
+        println!("SKIPPED net_ns: {why}");
+        return;
+    }
+    let mut ns = setup("b");
+    start_dnsmasq(&mut ns);
+    let ipv6 = ns.dir.join("ipv6-conf");
+    std::fs::create_dir_all(ipv6.join("eth-rescue")).unwrap();
+    let base = NetConfig {
+        resolv_conf: ns.dir.join("resolv.conf"),
+        ipv6_conf_dir: ipv6,
+        ntp_fallback: None,
+        reachability_targets: vec![format!("{LAN_IP}:{REACH_PORT}")],
+        ..NetConfig::default()
+    };
+    let only = |name: &str| NetConfig {
+        interfaces: Some(vec![name.to_string()]),
+        ..base.clone()
+    };
+    let early = only("eth-rescue");
+    let elsewhere = only("eth-other");
+    let back = only("eth-rescue");
+    let station = ns.station.clone();
+    let inet = move || {
+        output(&[
+            "ip",
+            "-n",
+            &station,
+            "-4",
+            "addr",
+            "show",
+            "dev",
+            "eth-rescue",
+        ])
+    };
+    let station = ns.station.clone();
+    let result = std::thread::spawn(move || {
+        enter(&station);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let handle = net::start(early, Arc::new(DryRunClock::default())).unwrap();
+            let mut rx = handle.status();
+            let leased = |s: &NetStatus| s.links.iter().any(|l| l.dhcp.is_some());
+            wait(&mut rx, "a lease with the early settings", leased).await;
+            assert!(inet().contains("inet 10.77.0."), "{}", inet());
+
+            handle.reconfigure(elsewhere).await.unwrap();
+            let st = rx.borrow().clone();
+            assert!(
+                st.links.iter().all(|l| l.name != "eth-rescue"),
+                "a link the settings do not name is not reported: {st:#?}"
+            );
+            assert!(!inet().contains("inet "), "its address is gone: {}", inet());
+
+            handle.reconfigure(back).await.unwrap();
+            wait(&mut rx, "a lease once the link is managed again", leased).await;
+            assert!(inet().contains("inet 10.77.0."), "{}", inet());
+
+            handle.stop().await;
+            assert!(!inet().contains("inet "), "stop removes it: {}", inet());
+        });
+    })
+    .join();
+    drop(ns);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }

@@ -116,3 +116,43 @@ fn terminal_dashboard_in_tmux_shows_one_row_per_mac() {
     assert_eq!(screen.matches("macrescue station |").count(), 1, "{screen}");
     assert!(screen.lines().all(|l| l.chars().count() <= 120));
 }
+
+/// Started by the init before the data partition is mounted (`MACRESCUE_DATA_PENDING`), the
+/// station reads its config file only once the init removed the pending file: a config that
+/// appears meanwhile is the one it uses.
+#[test]
+fn an_early_station_reads_its_config_only_once_the_data_partition_is_handled() {
+    let dir = std::env::temp_dir().join(format!("macrescue-early-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pending = dir.join("data-pending");
+    let config = dir.join("config.toml");
+    std::fs::write(&pending, "").unwrap();
+    let _ = std::fs::remove_file(&config);
+    let mut child = Command::new(BIN)
+        .args(["station", "--demo-fake-macs", "1", "--demo-step-ms", "1"])
+        .args(["--exit-after", "1", "--config"])
+        .arg(&config)
+        .env("MACRESCUE_DATA_PENDING", &pending)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the station went on while the data partition was pending"
+    );
+    // The file shows up on the data partition, then the init says it is handled.
+    std::fs::write(&config, "[station]\nno_such_setting = 1\n").unwrap();
+    std::fs::remove_file(&pending).unwrap();
+    let start = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(30));
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("unknown setting station.no_such_setting"),
+        "the config written during the wait was not read:\n{text}"
+    );
+    assert!(text.contains("station stopped: 1 Mac"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -2,7 +2,7 @@
 //!
 //! Coldplug walks `/sys/devices` for `modalias` files present at boot; hotplug feeds modaliases
 //! from uevents; the kernel's own `request_module()` (file systems, NLS tables) reaches us because
-//! `/sbin/modprobe` is this same binary. All three resolve through [`AliasTable`] and [`ModDep`]
+//! `/bin/modprobe` is this same binary. All three resolve through [`AliasTable`] and [`ModDep`]
 //! and load with `finit_module(2)`.
 //!
 //! Compressed modules: Debian's 6.1 amd64 kernel ships plain `.ko` and is built without

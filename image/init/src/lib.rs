@@ -23,6 +23,7 @@ pub mod netif;
 pub mod settings;
 pub mod shutdown;
 pub mod softdep;
+pub mod stage2;
 pub mod supervisor;
 pub mod uevent;
 

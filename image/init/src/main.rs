@@ -1,4 +1,4 @@
-//! macrescue-init: the rescue image's PID 1, and its `/sbin/modprobe` for the kernel.
+//! macrescue-init: the rescue image's PID 1, and its `/bin/modprobe` for the kernel.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use macrescue_init::settings::Settings;
 use macrescue_init::shutdown::{self, Action};
 use macrescue_init::uevent::Uevent;
 use macrescue_init::{
-    cmdline, config, datapart, growpart, kmod, markers, mounts, netif, settings, supervisor,
+    cmdline, config, datapart, growpart, kmod, markers, mounts, netif, settings, stage2, supervisor,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -38,7 +38,7 @@ fn main() {
     if std::process::id() != 1 {
         eprintln!(
             "macrescue-init must run as PID 1 (the kernel starts it as /init); \
-             invoked as /sbin/modprobe it loads kernel modules"
+             invoked as modprobe it loads kernel modules"
         );
         std::process::exit(2);
     }
@@ -52,7 +52,7 @@ fn main() {
     }
 }
 
-/// The kernel runs `/sbin/modprobe -q -- NAME` for request_module() (fs-exfat, nls_utf8…).
+/// The kernel runs `/bin/modprobe -q -- NAME` for request_module() (fs-exfat, nls_utf8…).
 fn modprobe_helper(args: Vec<String>) -> i32 {
     let quiet = args.iter().any(|a| a == "-q" || a == "--quiet");
     let names: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
@@ -75,6 +75,12 @@ fn modprobe_helper(args: Vec<String>) -> i32 {
 fn run() -> anyhow::Result<()> {
     mounts::early();
     let started_at = uptime();
+    // The agent and the shell, inflated on another CPU while the drivers load and the stick
+    // enumerates (stage2.rs: why they are not in the kernel's part of the initramfs).
+    let stage2 = std::thread::Builder::new().name("stage2".into()).spawn(|| {
+        let t = Instant::now();
+        (stage2::inflate_all(Path::new("/")), t.elapsed())
+    });
     let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let cmd = cmdline::parse(&line);
     let mut names =
@@ -124,7 +130,10 @@ fn run() -> anyhow::Result<()> {
         .context("cannot create a signalfd")?;
 
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let _ = std::fs::write("/proc/sys/kernel/modprobe", "/sbin/modprobe");
+    // Registered here, not found by the kernel at its default /sbin/modprobe: built-in crypto
+    // self-tests request modules while the kernel starts, and each request would wait for the
+    // whole initramfs and run this binary for nothing (image/README.md, "Where the time goes").
+    let _ = std::fs::write("/proc/sys/kernel/modprobe", "/bin/modprobe");
     let loader = Arc::new(
         Loader::open(Path::new("/"), release.trim()).with_params(cmdline::module_params(&line)),
     );
@@ -228,6 +237,40 @@ fn run() -> anyhow::Result<()> {
         info!("coldplug: {matched} driver matches");
     }
 
+    // The station and the shell are programs of the second stage.
+    let programs = match stage2
+        .map_err(|e| e.to_string())
+        .and_then(|h| h.join().map_err(|_| "its thread panicked".to_string()))
+    {
+        Ok((Ok(done), took)) => {
+            if done.files > 0 {
+                debug!(
+                    "stage 2: {} programs ({} KiB) inflated in {} ms",
+                    done.files,
+                    done.bytes / 1024,
+                    took.as_millis()
+                );
+            }
+            true
+        }
+        Ok((Err(e), _)) => {
+            warn!("{e}");
+            false
+        }
+        Err(e) => {
+            warn!("cannot unpack the image's programs: {e}");
+            false
+        }
+    };
+    let consoles_arc = Arc::new(Consoles::open(&consoles.names()));
+    // The station starts now, while the stick is still being found: it brings up the network
+    // meanwhile and reads its config once the data partition is handled (DATA_PENDING).
+    // Not for a station set up for USB/IP on the command line: vhci-hcd must be loaded first.
+    let early = (programs
+        && settings.data_label.is_some()
+        && !settings::station_uses_usbip(&settings.station, &[]))
+    .then(|| start_early(&settings.station, consoles_arc.clone()))
+    .flatten();
     let data = settings
         .data_label
         .clone()
@@ -278,14 +321,101 @@ fn run() -> anyhow::Result<()> {
             warn!("cannot load the held-back drivers: {e}");
         }
     }
+    let usbip = settings::station_uses_usbip(&settings.station, &entries);
+    // The early station goes on only as what the init would start now: same command, the data
+    // partition mounted where it was told, no USB/IP to set up under it. Otherwise it is
+    // stopped (it removes the addresses it configured) and started again below.
+    let early = early.and_then(|e| {
+        let why = if data.is_none() {
+            "there is no data partition"
+        } else if e.argv != settings.station {
+            "the config file names another station command"
+        } else if usbip {
+            "the config file sets up USB/IP (vhci-hcd loads first)"
+        } else {
+            return Some(e);
+        };
+        info!("starting the station again: {why}");
+        e.stop();
+        None
+    });
     // USB/IP's vhci-hcd, only when the station will use it: before the station starts (loading
     // it under a running station hung the guest), not on the way to /data.
-    if settings::station_uses_usbip(&settings.station, &entries) {
+    if usbip {
         if let Err(e) = loader.load_name_or_alias("vhci-hcd") {
             warn!("the station is set up for USB/IP but {e}");
         }
     }
-    supervise(settings, consoles, sfd, data)
+    let early = early.map(|e| e.release());
+    supervise(settings, consoles, consoles_arc, sfd, data, early)
+}
+
+const DATA_PENDING: &str = "/run/macrescue/data-pending";
+
+/// A station started before the data partition was handled.
+struct EarlyStation {
+    argv: Vec<String>,
+    pid: Pid,
+    started: Instant,
+}
+
+fn start_early(argv: &[String], consoles: Arc<Consoles>) -> Option<EarlyStation> {
+    let pending = Path::new(DATA_PENDING);
+    let made = pending
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(pending, ""));
+    if let Err(e) = made {
+        warn!("cannot create {DATA_PENDING} ({e}); the station starts after the data partition");
+        return None;
+    }
+    let started = Instant::now();
+    match supervisor::spawn_station(argv, consoles, Some(DATA_DIR), Some(pending)) {
+        Ok(pid) => {
+            info!(
+                "started station {:?} (pid {pid}); it waits for the data partition",
+                argv.join(" ")
+            );
+            Some(EarlyStation {
+                argv: argv.to_vec(),
+                pid,
+                started,
+            })
+        }
+        Err(e) => {
+            debug!("cannot start the station early ({e}); it starts after the data partition");
+            let _ = std::fs::remove_file(pending);
+            None
+        }
+    }
+}
+
+impl EarlyStation {
+    /// Tell the station the data partition is handled; it reads its config file now.
+    fn release(self) -> (Pid, Instant) {
+        let _ = std::fs::remove_file(DATA_PENDING);
+        (self.pid, self.started)
+    }
+
+    /// SIGTERM (it withdraws its DHCP addresses and exits), SIGKILL after 5 s; reaped here.
+    fn stop(self) {
+        let _ = nix::sys::signal::kill(self.pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+                    let _ = waitpid(self.pid, None);
+                    break;
+                }
+                _ => break,
+            }
+        }
+        let _ = std::fs::remove_file(DATA_PENDING);
+    }
 }
 
 /// Wait for the data partition, mount it at /data and say so on the console.
@@ -359,7 +489,7 @@ fn mount_data(
             return None;
         }
     };
-    // The kernel would ask /sbin/modprobe for fs-TYPE itself; loading first gives a clearer error.
+    // The kernel would ask /bin/modprobe for fs-TYPE itself; loading first gives a clearer error.
     if let Err(e) = loader.load_name_or_alias(&format!("fs-{fstype}")) {
         debug!("{e}");
     }
@@ -422,12 +552,18 @@ impl Child {
 fn supervise(
     settings: Settings,
     consoles: &'static Consoles,
+    consoles_arc: Arc<Consoles>,
     sfd: SignalFd,
     data: Option<PathBuf>,
+    early: Option<(Pid, Instant)>,
 ) -> anyhow::Result<()> {
-    let consoles_arc = Arc::new(Consoles::open(&consoles.names()));
     let data_str = data.as_ref().and_then(|d| d.to_str()).map(str::to_string);
     let mut station = Child::new(settings.restart_max);
+    if let Some((pid, started)) = early {
+        station.pid = Some(pid);
+        station.started = started;
+        station.restart_at = None;
+    }
     let mut ready_reported = false;
     let shell_tty = settings
         .shell
@@ -447,6 +583,7 @@ fn supervise(
                 &settings.station,
                 consoles_arc.clone(),
                 data_str.as_deref(),
+                None,
             ) {
                 Ok(pid) => {
                     info!(

@@ -3,7 +3,7 @@
 //!
 //! The one that matters at boot: `crc_t10dif` (under `sd_mod`, the stick's disk driver) asks
 //! the crypto API for "crct10dif" in its init. Without a provider loaded first, that becomes a
-//! `request_module()`, i.e. the kernel starting `/sbin/modprobe` (this binary) and waiting for
+//! `request_module()`, i.e. the kernel starting `/bin/modprobe` (this binary) and waiting for
 //! it — on the path to the data partition, and slow under emulation.
 
 use std::collections::HashMap;

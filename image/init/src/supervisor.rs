@@ -16,11 +16,17 @@ use crate::consoles::Consoles;
 
 const PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
 
-/// Start the station with its stdout and stderr copied to every console.
+/// The station's environment variable naming the file that exists while the init is still
+/// handling the data partition (restore-agent's `station` waits for it to go).
+pub const DATA_PENDING_ENV: &str = "MACRESCUE_DATA_PENDING";
+
+/// Start the station with its stdout and stderr copied to every console. `data_pending`: the
+/// station is started before the data partition is handled (see [`DATA_PENDING_ENV`]).
 pub fn spawn_station(
     argv: &[String],
     consoles: Arc<Consoles>,
     data_dir: Option<&str>,
+    data_pending: Option<&std::path::Path>,
 ) -> std::io::Result<Pid> {
     let (program, args) = argv
         .split_first()
@@ -38,6 +44,9 @@ pub fn spawn_station(
         .stderr(Stdio::from(write));
     if let Some(d) = data_dir {
         cmd.env("MACRESCUE_DATA", d);
+    }
+    if let Some(p) = data_pending {
+        cmd.env(DATA_PENDING_ENV, p);
     }
     // The station asks for erase confirmations on the consoles the init set up (VGA and
     // serial alike); it reads this when neither its flags nor its config name consoles.

@@ -57,7 +57,7 @@ let
       aarch64-multiplatform-musl = import ./default.nix { system = "aarch64-linux"; };
     };
   } // lib.genAttrs [
-    "bash" "coreutils" "findutils" "gnused" "gawk" "gnugrep" "cpio" "zstd" "xz"
+    "bash" "coreutils" "findutils" "gnused" "gawk" "gnugrep" "cpio" "zstd" "lz4" "xz"
     "binutils-unwrapped-all-targets" "mtools" "dosfstools" "exfatprogs" "util-linux" "busybox"
     "systemd" "raspberrypifw" "qemu" "cargo" "rustc" "clippy" "rustfmt" "pkg-config" "kmod"
     "sbsigntool" "nixpkgs-fmt"

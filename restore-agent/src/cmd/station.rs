@@ -276,7 +276,62 @@ pub fn resolve(args: &Args, file: &FileSettings, env_consoles: Option<&str>) -> 
     }
 }
 
+/// Set by the init when it starts the station before the data partition, and with it the
+/// config file, is mounted: the file it names exists until the init has handled that partition.
+const DATA_PENDING_ENV: &str = "MACRESCUE_DATA_PENDING";
+/// A station started by hand with a stale variable must not wait forever.
+const DATA_PENDING_MAX: Duration = Duration::from_secs(600);
+
+/// A station the init started early (see [`DATA_PENDING_ENV`]) waits here until the data
+/// partition is handled, and meanwhile runs DHCP on every wired link, so the address is there
+/// when the config file is; [`run`] then applies the file's `[net]` settings (which may take
+/// links away or switch networking off). `None`: not started early (networking, if any,
+/// starts from the config file as usual); `Some(None)`: started early without networking.
+fn wait_for_data(rt: &tokio::runtime::Runtime, args: &Args) -> Option<Option<net::NetHandle>> {
+    let pending = PathBuf::from(std::env::var_os(DATA_PENDING_ENV)?);
+    if !pending.exists() {
+        return None;
+    }
+    let network = !args.no_network && args.demo_fake_macs.is_none();
+    Some(rt.block_on(async {
+        let cfg = NetConfig {
+            ntp_servers: args.ntp.clone(),
+            ..NetConfig::default()
+        };
+        let handle = if network {
+            net::start(cfg, Arc::new(SystemClock))
+                .map_err(|e| tracing::warn!("cannot start networking before the config file: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let deadline = tokio::time::Instant::now() + DATA_PENDING_MAX;
+        while pending.exists() && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                Some(()) = async { term.as_mut()?.recv().await } => {
+                    // The init restarts the station with other settings: leave no address
+                    // behind that those settings might not want.
+                    if let Some(h) = handle {
+                        h.stop().await;
+                    }
+                    std::process::exit(0);
+                }
+            }
+        }
+        // The working directory was opened before the data partition was mounted over it.
+        if let Ok(dir) = std::env::current_dir() {
+            let _ = std::env::set_current_dir(dir);
+        }
+        handle
+    }))
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut early = wait_for_data(&rt, &args).flatten();
     let display = if args.line_mode || dashboard::want_line_mode() {
         Display::Lines
     } else {
@@ -346,7 +401,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let demo = args.demo_fake_macs.is_some();
     let summary = rt.block_on(async {
         // Networking first: DHCP, DNS and the clock before the first TLS handshake.
@@ -354,8 +408,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut _net = None;
         let info: Arc<dyn StationInfo> = match (&r.net, demo) {
             (Some(cfg), false) => {
-                let handle = net::start(cfg.clone(), Arc::new(SystemClock))
-                    .context("cannot start networking")?;
+                let handle = match early.take() {
+                    Some(h) => {
+                        h.reconfigure(cfg.clone())
+                            .await
+                            .context("networking stopped before the config file was read")?;
+                        h
+                    }
+                    None => net::start(cfg.clone(), Arc::new(SystemClock))
+                        .context("cannot start networking")?,
+                };
                 let info = Arc::new(NetInfo::new(handle.status(), r.servers_label.clone()));
                 tokio::spawn(report_network(handle.status(), info.clone()));
                 tokio::spawn(clock_gate(
@@ -369,6 +431,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 info
             }
             _ => {
+                if let Some(h) = early.take() {
+                    h.stop().await;
+                }
                 if !demo {
                     println!("MACRESCUE: station ready (networking off)");
                 }

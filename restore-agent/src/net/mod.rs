@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use clock::{ClockSetter, ClockSync, DryRunClock, SystemClock};
@@ -131,6 +131,7 @@ impl NetConfig {
 pub struct NetHandle {
     status: watch::Receiver<NetStatus>,
     task: JoinHandle<Result<(), NetError>>,
+    control: mpsc::UnboundedSender<(NetConfig, oneshot::Sender<()>)>,
 }
 
 impl Drop for NetHandle {
@@ -148,6 +149,28 @@ impl NetHandle {
     /// request.
     pub async fn wait_for_clock(&self, timeout: Duration) -> Result<ClockSync, NetError> {
         wait_for_clock(&mut self.status(), timeout).await
+    }
+
+    /// Applies settings that arrived after the start (the station starts networking before
+    /// the data partition with its config file is mounted). Links the new settings do not
+    /// manage lose their DHCP client and address; newly managed ones start DHCP; the time
+    /// servers, proxy and reachability targets are the new ones from now on. Returns once
+    /// applied.
+    pub async fn reconfigure(&self, cfg: NetConfig) -> Result<(), NetError> {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.control
+            .send((cfg, done_tx))
+            .map_err(|_| NetError::Stopped)?;
+        done_rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Stops networking and removes the addresses its DHCP clients configured.
+    pub async fn stop(self) {
+        let off = NetConfig {
+            interfaces: Some(Vec::new()),
+            ..NetConfig::default()
+        };
+        let _ = self.reconfigure(off).await;
     }
 }
 
@@ -200,9 +223,10 @@ pub fn start(cfg: NetConfig, clock: Arc<dyn ClockSetter>) -> Result<NetHandle, N
     let events = RtnlEvents::open()?;
     let rtnl = Rtnl::open()?;
     let (ntp_tx, ntp_rx) = watch::channel(None::<Vec<Ipv4Addr>>);
-    let clock_task = tokio::spawn(clock_loop(cfg.clone(), clock, ntp_rx, tx.clone()));
+    let clock_task = tokio::spawn(clock_loop(cfg.clone(), clock.clone(), ntp_rx, tx.clone()));
+    let (control, control_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
-        let r = Orchestrator {
+        let mut o = Orchestrator {
             cfg,
             rtnl,
             tracked: BTreeMap::new(),
@@ -210,16 +234,21 @@ pub fn start(cfg: NetConfig, clock: Arc<dyn ClockSetter>) -> Result<NetHandle, N
             ntp_tx,
             seed: seed(),
             resolv_written: None,
-        }
-        .run(events)
-        .await;
-        clock_task.abort();
+            clock,
+            clock_task,
+        };
+        let r = o.run(events, control_rx).await;
+        o.clock_task.abort();
         if let Err(e) = &r {
             tracing::error!("networking stopped: {e}");
         }
         r
     });
-    Ok(NetHandle { status: rx, task })
+    Ok(NetHandle {
+        status: rx,
+        task,
+        control,
+    })
 }
 
 /// A transaction-id seed that differs between boots and stations (no RNG crate needed).
@@ -238,10 +267,16 @@ struct Orchestrator {
     ntp_tx: watch::Sender<Option<Vec<Ipv4Addr>>>,
     seed: u32,
     resolv_written: Option<String>,
+    clock: Arc<dyn ClockSetter>,
+    clock_task: JoinHandle<()>,
 }
 
 impl Orchestrator {
-    async fn run(mut self, mut events: RtnlEvents) -> Result<(), NetError> {
+    async fn run(
+        &mut self,
+        mut events: RtnlEvents,
+        mut control: mpsc::UnboundedReceiver<(NetConfig, oneshot::Sender<()>)>,
+    ) -> Result<(), NetError> {
         let (lease_tx, mut lease_rx) = mpsc::unbounded_channel();
         self.rescan(&lease_tx)?;
         let mut reach = tokio::time::interval(self.cfg.reachability_interval);
@@ -281,8 +316,52 @@ impl Orchestrator {
                         changed
                     });
                 }
+                Some((cfg, done)) = control.recv() => {
+                    self.reconfigure(cfg, &lease_tx)?;
+                    reach = tokio::time::interval(self.cfg.reachability_interval);
+                    reach.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let _ = done.send(());
+                }
             }
         }
+    }
+
+    fn reconfigure(
+        &mut self,
+        cfg: NetConfig,
+        lease_tx: &mpsc::UnboundedSender<LeaseEvent>,
+    ) -> Result<(), NetError> {
+        let dropped: Vec<u32> = self
+            .tracked
+            .values()
+            .filter(|t| !t.link.loopback && (!cfg.manages(&t.link) || !cfg.dhcp))
+            .map(|t| t.link.index)
+            .collect();
+        for index in dropped {
+            if let Some(t) = self.tracked.remove(&index) {
+                tracing::info!(link = %t.link.name, "no longer managed: dropping its DHCP lease");
+                if let Some(h) = t.task {
+                    h.abort();
+                }
+                if let Some(lease) = t.lease {
+                    dhcp::edge::withdraw(index, &lease);
+                }
+            }
+        }
+        if clock_settings_differ(&self.cfg, &cfg) {
+            // A fresh clock loop with the new servers; it picks up DHCP's from the channel.
+            self.clock_task.abort();
+            self.clock_task = tokio::spawn(clock_loop(
+                cfg.clone(),
+                self.clock.clone(),
+                self.ntp_tx.subscribe(),
+                self.tx.clone(),
+            ));
+        }
+        self.tx.send_modify(|s| s.proxy = cfg.proxy.clone());
+        self.cfg = cfg;
+        self.publish_leases();
+        self.rescan(lease_tx)
     }
 
     fn rescan(&mut self, lease_tx: &mpsc::UnboundedSender<LeaseEvent>) -> Result<(), NetError> {
@@ -489,6 +568,14 @@ impl Orchestrator {
         }
         Ok(())
     }
+}
+
+fn clock_settings_differ(a: &NetConfig, b: &NetConfig) -> bool {
+    a.ntp_servers != b.ntp_servers
+        || a.ntp_fallback != b.ntp_fallback
+        || a.sntp_timeout != b.sntp_timeout
+        || a.ntp_wait_for_dhcp != b.ntp_wait_for_dhcp
+        || a.ntp_resync != b.ntp_resync
 }
 
 /// Sets the clock: DHCP's time servers first, then configured ones, then the fallback;
