@@ -116,13 +116,16 @@ extra_apt() {
 deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $codename non-free-firmware"
     [[ -f "$dir/sources.list" && "$(cat "$dir/sources.list")" == "$want" ]] || {
         echo "$want" >"$dir/sources.list"
-        rm -f "$dir/lists/"*_Packages* 2>/dev/null || true
+        rm -f "$dir/lists/"*_Packages* "$dir/updated" 2>/dev/null || true
     }
     EXTRA_APT=(-o "Dir::Etc::sourcelist=$dir/sources.list" -o Dir::Etc::sourceparts=-
         -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache"
         -o "APT::Architecture=$arch" -o "APT::Architectures::=$arch")
-    # Refreshed once per run: a kernel update in backports replaces the old package at once.
-    if [[ "${EXTRA_APT_UPDATED:-}" != "$arch $suite" ]]; then
+    # Refreshed when older than 30 minutes: a kernel update in backports replaces the old
+    # package by the next run, and the several builds of one run (kernel.sh is a separate
+    # process each time, so a variable would not carry over) share one refresh.
+    if [[ "${EXTRA_APT_UPDATED:-}" != "$arch $suite" &&
+        -z "$(find "$dir/updated" -mmin -30 2>/dev/null)" ]]; then
         log "apt-get update ($suite main, $codename non-free-firmware for $arch, private lists)"
         if ! apt-get "${EXTRA_APT[@]}" update -qq >&2; then
             # A suite newer than the system is signed with keys that Debian 12's
@@ -134,6 +137,7 @@ deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirro
             apt-get install -y -qq --no-install-recommends debian-archive-keyring >&2
             apt-get "${EXTRA_APT[@]}" update -qq >&2 || die "apt-get update of $suite failed"
         fi
+        touch "$dir/updated"
         export EXTRA_APT_UPDATED="$arch $suite"
     fi
 }

@@ -384,6 +384,7 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
     }
     let mut ns = setup("b");
     start_dnsmasq(&mut ns);
+    lan_services(ns.lan.clone(), Duration::ZERO);
     let ipv6 = ns.dir.join("ipv6-conf");
     std::fs::create_dir_all(ipv6.join("eth-rescue")).unwrap();
     let base = NetConfig {
@@ -397,7 +398,11 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
         interfaces: Some(vec![name.to_string()]),
         ..base.clone()
     };
-    let early = only("eth-rescue");
+    // As the station starts before its config file: no targets to check yet.
+    let early = NetConfig {
+        reachability_targets: Vec::new(),
+        ..only("eth-rescue")
+    };
     let elsewhere = only("eth-other");
     let back = only("eth-rescue");
     let station = ns.station.clone();
@@ -426,6 +431,12 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
             let leased = |s: &NetStatus| s.links.iter().any(|l| l.dhcp.is_some());
             wait(&mut rx, "a lease with the early settings", leased).await;
             assert!(inet().contains("inet 10.77.0."), "{}", inet());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                rx.borrow().apple,
+                Reachability::Unknown,
+                "nothing is checked without targets"
+            );
 
             handle.reconfigure(elsewhere).await.unwrap();
             let st = rx.borrow().clone();
@@ -438,6 +449,10 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
             handle.reconfigure(back).await.unwrap();
             wait(&mut rx, "a lease once the link is managed again", leased).await;
             assert!(inet().contains("inet 10.77.0."), "{}", inet());
+            wait(&mut rx, "the new settings' target checked", |s| {
+                s.apple == Reachability::Reachable
+            })
+            .await;
 
             handle.stop().await;
             assert!(!inet().contains("inet "), "stop removes it: {}", inet());

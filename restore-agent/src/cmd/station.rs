@@ -294,8 +294,12 @@ fn wait_for_data(rt: &tokio::runtime::Runtime, args: &Args) -> Option<Option<net
     }
     let network = !args.no_network && args.demo_fake_macs.is_none();
     Some(rt.block_on(async {
+        // Until the config file is read, contact nothing it might rule out: time servers only
+        // from DHCP and the command line, no reachability check (no proxy is known yet).
         let cfg = NetConfig {
             ntp_servers: args.ntp.clone(),
+            ntp_fallback: None,
+            reachability_targets: Vec::new(),
             ..NetConfig::default()
         };
         let handle = if network {

@@ -76,7 +76,7 @@ pub struct NetConfig {
     pub ntp_wait_for_dhcp: Duration,
     /// Re-synchronise this often once set.
     pub ntp_resync: Duration,
-    /// `host:port` targets for the "Apple reachable?" check.
+    /// `host:port` targets for the "Apple reachable?" check; none: no check.
     pub reachability_targets: Vec<String>,
     pub reachability_interval: Duration,
     pub reachability_timeout: Duration,
@@ -301,13 +301,16 @@ impl Orchestrator {
                     reach.reset_immediately();
                 }
                 _ = reach.tick() => {
+                    // No targets (networking started before its settings): nothing to check.
                     let targets = self.cfg.reach_targets();
                     let timeout = self.cfg.reachability_timeout;
                     let tx = reach_tx.clone();
                     // Off the main loop: a slow connect must not delay link events.
-                    tokio::spawn(async move {
-                        let _ = tx.send(status::check_reachable(&targets, timeout).await);
-                    });
+                    if !targets.is_empty() {
+                        tokio::spawn(async move {
+                            let _ = tx.send(status::check_reachable(&targets, timeout).await);
+                        });
+                    }
                 }
                 Some(r) = reach_rx.recv() => {
                     self.tx.send_if_modified(|s| {
