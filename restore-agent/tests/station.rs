@@ -598,3 +598,41 @@ async fn a_mac_pulled_during_its_job_and_replugged_is_started_again() {
     assert_eq!(run.counters.starts.lock().unwrap().get("1-1"), Some(&2));
     assert_eq!(run.summary.failed, 2);
 }
+
+/// What announces the station (the `MACRESCUE: station ready, address …` line a boot test and
+/// a technician wait for) waits for this signal: it comes once the station watches USB and has
+/// printed its own ready line, never before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ready_signal_comes_after_the_station_watches_usb() {
+    let out = Out::default();
+    let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+    let station = Station::new(
+        lines_cfg(1, None),
+        Arc::new(FakeBus::new(Vec::new())),
+        Arc::new(ScriptedJob {
+            script: Arc::new(Script::default()),
+            counters: Arc::new(Counters::default()),
+        }),
+        Arc::new(Refuse),
+        Arc::new(NoNetwork),
+        Box::new(out.clone()),
+    )
+    .with_ready(ready_tx);
+    assert!(!*ready_rx.borrow());
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let run = tokio::spawn(station.run(async {
+        let _ = stop_rx.await;
+    }));
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|r| *r))
+        .await
+        .expect("the station never said it was ready")
+        .unwrap();
+    assert!(
+        out.text()
+            .starts_with("station: ready, up to 8 Macs at once; network not configured"),
+        "{}",
+        out.text()
+    );
+    drop(stop_tx);
+    run.await.unwrap().unwrap();
+}

@@ -409,6 +409,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let summary = rt.block_on(async {
         // Networking first: DHCP, DNS and the clock before the first TLS handshake.
         let (gate_tx, gate_rx) = watch::channel(r.net.is_none() || demo);
+        // The ready lines wait for the station itself (USB watched), not just the network.
+        let (ready_tx, ready_rx) = watch::channel(false);
         let mut _net = None;
         let info: Arc<dyn StationInfo> = match (&r.net, demo) {
             (Some(cfg), false) => {
@@ -423,7 +425,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         .context("cannot start networking")?,
                 };
                 let info = Arc::new(NetInfo::new(handle.status(), r.servers_label.clone()));
-                tokio::spawn(report_network(handle.status(), info.clone()));
+                tokio::spawn(report_network(handle.status(), info.clone(), ready_rx));
                 tokio::spawn(clock_gate(
                     handle.status(),
                     r.clock_wait,
@@ -439,7 +441,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     h.stop().await;
                 }
                 if !demo {
-                    println!("MACRESCUE: station ready (networking off)");
+                    let mut ready = ready_rx;
+                    tokio::spawn(async move {
+                        if ready.wait_for(|r| *r).await.is_ok() {
+                            println!("MACRESCUE: station ready (networking off)");
+                        }
+                    });
                 }
                 Arc::new(NoNetwork)
             }
@@ -488,7 +495,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             exit_after: args.exit_after,
             ..StationConfig::default()
         };
-        let station = Station::new(cfg, bus, job, arming, info, Box::new(std::io::stdout()));
+        let station = Station::new(cfg, bus, job, arming, info, Box::new(std::io::stdout()))
+            .with_ready(ready_tx);
         if !demo {
             // The benchmark's baseline: the idle station, before any Mac.
             println!(
@@ -512,7 +520,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Prints the line the boot test waits for once DHCP gave an address, and every change of
 /// the network summary afterwards (line-mode consoles never redraw the header).
-async fn report_network(mut rx: watch::Receiver<NetStatus>, info: Arc<NetInfo>) {
+async fn report_network(
+    mut rx: watch::Receiver<NetStatus>,
+    info: Arc<NetInfo>,
+    mut station_ready: watch::Receiver<bool>,
+) {
+    if station_ready.wait_for(|r| *r).await.is_err() {
+        return;
+    }
     let mut ready = false;
     let mut last = String::new();
     loop {

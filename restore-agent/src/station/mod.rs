@@ -160,6 +160,7 @@ pub struct Station {
     info: Arc<dyn StationInfo>,
     out: Box<dyn Write + Send>,
     summary: Arc<Mutex<Summary>>,
+    ready: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Station {
@@ -179,7 +180,15 @@ impl Station {
             info,
             out,
             summary: Arc::default(),
+            ready: None,
         }
+    }
+
+    /// Set to `true` once the station watches USB and has said it is ready: what announces
+    /// the station to a technician or a boot test must not come before.
+    pub fn with_ready(mut self, ready: tokio::sync::watch::Sender<bool>) -> Station {
+        self.ready = Some(ready);
+        self
     }
 
     pub fn summary(&self) -> Arc<Mutex<Summary>> {
@@ -203,6 +212,7 @@ impl Station {
         for dev in self.bus.devices().map_err(StationError::List)? {
             let _ = tx.send(Msg::Hotplug(HotplugEvent::Arrived(dev)));
         }
+        let ready = self.ready;
         let mut run = Running {
             store: Store::new(self.cfg.data_dir.clone()),
             cfg: self.cfg,
@@ -229,6 +239,9 @@ impl Station {
                 run.cfg.max_macs,
                 run.info.network()
             )]);
+        }
+        if let Some(r) = ready {
+            let _ = r.send(true);
         }
         run.event_loop(rx, shutdown).await;
         let summary = run
