@@ -398,8 +398,9 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
         interfaces: Some(vec![name.to_string()]),
         ..base.clone()
     };
-    // As the station starts before its config file: no targets to check yet.
+    // As the station starts before its config file: no clock, no targets to check yet.
     let early = NetConfig {
+        set_clock: false,
         reachability_targets: Vec::new(),
         ..only("eth-rescue")
     };
@@ -426,7 +427,8 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let handle = net::start(early, Arc::new(DryRunClock::default())).unwrap();
+            let clock = Arc::new(DryRunClock::default());
+            let handle = net::start(early, clock.clone()).unwrap();
             let mut rx = handle.status();
             let leased = |s: &NetStatus| s.links.iter().any(|l| l.dhcp.is_some());
             wait(&mut rx, "a lease with the early settings", leased).await;
@@ -436,6 +438,11 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
                 rx.borrow().apple,
                 Reachability::Unknown,
                 "nothing is checked without targets"
+            );
+            assert_eq!(
+                rx.borrow().clock,
+                ClockState::Unsynced,
+                "no time server is asked before the settings allow it"
             );
 
             handle.reconfigure(elsewhere).await.unwrap();
@@ -453,6 +460,11 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
                 s.apple == Reachability::Reachable
             })
             .await;
+            let sync = handle
+                .wait_for_clock(Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(sync.server, SocketAddr::from((LAN_IP, sntp::PORT)));
 
             handle.stop().await;
             assert!(!inet().contains("inet "), "stop removes it: {}", inet());

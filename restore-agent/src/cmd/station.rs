@@ -294,11 +294,11 @@ fn wait_for_data(rt: &tokio::runtime::Runtime, args: &Args) -> Option<Option<net
     }
     let network = !args.no_network && args.demo_fake_macs.is_none();
     Some(rt.block_on(async {
-        // Until the config file is read, contact nothing it might rule out: time servers only
-        // from DHCP and the command line, no reachability check (no proxy is known yet).
+        // Until the config file is read, contact nothing it might rule out: no time server
+        // (the file may name others or forbid the fallback), no reachability check (no proxy
+        // is known yet). DHCP only.
         let cfg = NetConfig {
-            ntp_servers: args.ntp.clone(),
-            ntp_fallback: None,
+            set_clock: false,
             reachability_targets: Vec::new(),
             ..NetConfig::default()
         };

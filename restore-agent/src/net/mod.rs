@@ -66,6 +66,9 @@ pub struct NetConfig {
     pub dhcp_renew_cap: Option<Duration>,
     pub resolv_conf: PathBuf,
     pub ipv6_conf_dir: PathBuf,
+    /// Set the clock by SNTP at all (off while the station has not read its settings yet: it
+    /// does not know which time servers it may ask).
+    pub set_clock: bool,
     /// Time servers from the config file (`host` or `host:port`), tried after DHCP's.
     pub ntp_servers: Vec<String>,
     /// Tried last.
@@ -92,6 +95,7 @@ impl Default for NetConfig {
             dhcp_renew_cap: None,
             resolv_conf: "/etc/resolv.conf".into(),
             ipv6_conf_dir: "/proc/sys/net/ipv6/conf".into(),
+            set_clock: true,
             ntp_servers: Vec::new(),
             ntp_fallback: Some("time.apple.com".into()),
             sntp_timeout: Duration::from_secs(3),
@@ -223,7 +227,9 @@ pub fn start(cfg: NetConfig, clock: Arc<dyn ClockSetter>) -> Result<NetHandle, N
     let events = RtnlEvents::open()?;
     let rtnl = Rtnl::open()?;
     let (ntp_tx, ntp_rx) = watch::channel(None::<Vec<Ipv4Addr>>);
-    let clock_task = tokio::spawn(clock_loop(cfg.clone(), clock.clone(), ntp_rx, tx.clone()));
+    let clock_task = cfg
+        .set_clock
+        .then(|| tokio::spawn(clock_loop(cfg.clone(), clock.clone(), ntp_rx, tx.clone())));
     let (control, control_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         let mut o = Orchestrator {
@@ -238,7 +244,9 @@ pub fn start(cfg: NetConfig, clock: Arc<dyn ClockSetter>) -> Result<NetHandle, N
             clock_task,
         };
         let r = o.run(events, control_rx).await;
-        o.clock_task.abort();
+        if let Some(t) = &o.clock_task {
+            t.abort();
+        }
         if let Err(e) = &r {
             tracing::error!("networking stopped: {e}");
         }
@@ -268,7 +276,7 @@ struct Orchestrator {
     seed: u32,
     resolv_written: Option<String>,
     clock: Arc<dyn ClockSetter>,
-    clock_task: JoinHandle<()>,
+    clock_task: Option<JoinHandle<()>>,
 }
 
 impl Orchestrator {
@@ -351,15 +359,19 @@ impl Orchestrator {
                 }
             }
         }
-        if clock_settings_differ(&self.cfg, &cfg) {
+        if !cfg.set_clock || self.clock_task.is_none() || clock_settings_differ(&self.cfg, &cfg) {
             // A fresh clock loop with the new servers; it picks up DHCP's from the channel.
-            self.clock_task.abort();
-            self.clock_task = tokio::spawn(clock_loop(
-                cfg.clone(),
-                self.clock.clone(),
-                self.ntp_tx.subscribe(),
-                self.tx.clone(),
-            ));
+            if let Some(t) = self.clock_task.take() {
+                t.abort();
+            }
+            self.clock_task = cfg.set_clock.then(|| {
+                tokio::spawn(clock_loop(
+                    cfg.clone(),
+                    self.clock.clone(),
+                    self.ntp_tx.subscribe(),
+                    self.tx.clone(),
+                ))
+            });
         }
         self.tx.send_modify(|s| s.proxy = cfg.proxy.clone());
         self.cfg = cfg;
