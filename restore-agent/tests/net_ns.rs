@@ -54,6 +54,20 @@ fn output(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `ip -4 addr` of the station's link, as the kernel has it.
+fn ipv4_addrs(station: &str) -> String {
+    output(&[
+        "ip",
+        "-n",
+        station,
+        "-4",
+        "addr",
+        "show",
+        "dev",
+        "eth-rescue",
+    ])
+}
+
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -280,16 +294,7 @@ fn dhcp_lease_route_dns_renewal_and_clock_in_namespaces() {
             assert_eq!((d.lease_secs, d.renew_secs), (120, 2));
 
             // The kernel has what the status claims.
-            let addrs = output(&[
-                "ip",
-                "-n",
-                &station,
-                "-4",
-                "addr",
-                "show",
-                "dev",
-                "eth-rescue",
-            ]);
+            let addrs = ipv4_addrs(&station);
             assert!(addrs.contains(&format!("inet {}/24", d.address)), "{addrs}");
             let routes = output(&["ip", "-n", &station, "route", "show", "default"]);
             assert!(
@@ -346,16 +351,7 @@ fn dhcp_lease_route_dns_renewal_and_clock_in_namespaces() {
                     .any(|l| l.name == "eth-rescue" && !l.carrier && l.dhcp.is_none())
             })
             .await;
-            let addrs = output(&[
-                "ip",
-                "-n",
-                &station,
-                "-4",
-                "addr",
-                "show",
-                "dev",
-                "eth-rescue",
-            ]);
+            let addrs = ipv4_addrs(&station);
             assert!(!addrs.contains("inet "), "{addrs}");
             run(&["ip", "-n", &lan, "link", "set", "eth-lan", "up"]);
             wait(&mut rx, "a lease after the cable came back", |s| {
@@ -407,18 +403,7 @@ fn settings_applied_after_the_start_take_links_away_and_back() {
     let elsewhere = only("eth-other");
     let back = only("eth-rescue");
     let station = ns.station.clone();
-    let inet = move || {
-        output(&[
-            "ip",
-            "-n",
-            &station,
-            "-4",
-            "addr",
-            "show",
-            "dev",
-            "eth-rescue",
-        ])
-    };
+    let inet = move || ipv4_addrs(&station);
     let station = ns.station.clone();
     let result = std::thread::spawn(move || {
         enter(&station);

@@ -108,29 +108,44 @@ fn list(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), Stage2Erro
     Ok(())
 }
 
-/// Inflate one lz4 frame file to `to` (through `to.part`), then remove `from`.
+/// Inflate one lz4 frame file to `to` (through `to.part`), then remove `from`. Read and
+/// write failures name their own side.
 fn inflate(from: &Path, to: &Path) -> Result<u64, Stage2Error> {
     let part = to.with_extension("part");
     let write_err = |source| Stage2Error::Write {
         path: to.to_path_buf(),
         source,
     };
-    let input = File::open(from).map_err(|source| Stage2Error::Inflate {
+    let read_err = |source| Stage2Error::Inflate {
         path: from.to_path_buf(),
         source,
-    })?;
-    if let Some(parent) = to.parent() {
-        fs::create_dir_all(parent).map_err(write_err)?;
-    }
-    let result = File::create(&part)
-        .map_err(write_err)
-        .and_then(|file| copy_frames(input, from, file, to))
-        .and_then(|(file, n)| {
-            file.set_permissions(fs::Permissions::from_mode(0o755))
-                .map_err(write_err)?;
-            fs::rename(&part, to).map_err(write_err)?;
-            Ok(n)
-        });
+    };
+    let input = File::open(from).map_err(read_err)?;
+    let result = (|| {
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(write_err)?;
+        }
+        let mut frames = lz4_flex::frame::FrameDecoder::new(BufReader::new(input));
+        let mut out = BufWriter::new(File::create(&part).map_err(write_err)?);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n = 0u64;
+        loop {
+            // Corrupt input, a bad checksum and a truncated frame are all read errors here.
+            let got = match frames.read(&mut buf) {
+                Ok(0) => break,
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(read_err(source)),
+            };
+            out.write_all(&buf[..got]).map_err(write_err)?;
+            n += got as u64;
+        }
+        let file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
+        file.set_permissions(fs::Permissions::from_mode(0o755))
+            .map_err(write_err)?;
+        fs::rename(&part, to).map_err(write_err)?;
+        Ok(n)
+    })();
     if result.is_err() {
         let _ = fs::remove_file(&part);
     } else {
@@ -138,41 +153,6 @@ fn inflate(from: &Path, to: &Path) -> Result<u64, Stage2Error> {
         let _ = fs::remove_file(from);
     }
     result
-}
-
-/// Decode `input`'s lz4 frames into `file`; read and write failures name their own side.
-fn copy_frames(
-    input: File,
-    from: &Path,
-    file: File,
-    to: &Path,
-) -> Result<(File, u64), Stage2Error> {
-    let mut frames = lz4_flex::frame::FrameDecoder::new(BufReader::new(input));
-    let mut out = BufWriter::new(file);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut n = 0u64;
-    let write_err = |source| Stage2Error::Write {
-        path: to.to_path_buf(),
-        source,
-    };
-    loop {
-        // Corrupt input, a bad checksum and a truncated frame are all read errors here.
-        let got = match frames.read(&mut buf) {
-            Ok(0) => break,
-            Ok(got) => got,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => {
-                return Err(Stage2Error::Inflate {
-                    path: from.to_path_buf(),
-                    source,
-                })
-            }
-        };
-        out.write_all(&buf[..got]).map_err(write_err)?;
-        n += got as u64;
-    }
-    let file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
-    Ok((file, n))
 }
 
 fn remove_empty_dirs(dir: &Path) -> io::Result<()> {

@@ -285,15 +285,15 @@ const DATA_PENDING_MAX: Duration = Duration::from_secs(600);
 /// A station the init started early (see [`DATA_PENDING_ENV`]) waits here until the data
 /// partition is handled, and meanwhile runs DHCP on every wired link, so the address is there
 /// when the config file is; [`run`] then applies the file's `[net]` settings (which may take
-/// links away or switch networking off). `None`: not started early (networking, if any,
-/// starts from the config file as usual); `Some(None)`: started early without networking.
-fn wait_for_data(rt: &tokio::runtime::Runtime, args: &Args) -> Option<Option<net::NetHandle>> {
+/// links away or switch networking off). The network started here, if any; without one,
+/// networking (if on) starts from the config file as usual.
+fn wait_for_data(rt: &tokio::runtime::Runtime, args: &Args) -> Option<net::NetHandle> {
     let pending = PathBuf::from(std::env::var_os(DATA_PENDING_ENV)?);
     if !pending.exists() {
         return None;
     }
     let network = !args.no_network && args.demo_fake_macs.is_none();
-    Some(rt.block_on(async {
+    rt.block_on(async {
         // Until the config file is read, contact nothing it might rule out: no time server
         // (the file may name others or forbid the fallback), no reachability check (no proxy
         // is known yet). DHCP only.
@@ -330,12 +330,12 @@ fn wait_for_data(rt: &tokio::runtime::Runtime, args: &Args) -> Option<Option<net
             let _ = std::env::set_current_dir(dir);
         }
         handle
-    }))
+    })
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let mut early = wait_for_data(&rt, &args).flatten();
+    let mut early = wait_for_data(&rt, &args);
     let display = if args.line_mode || dashboard::want_line_mode() {
         Display::Lines
     } else {

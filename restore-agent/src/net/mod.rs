@@ -216,6 +216,18 @@ struct Tracked {
     renewals: u32,
 }
 
+impl Tracked {
+    /// Stop the link's DHCP client and remove the address it configured.
+    fn stop_dhcp(&mut self) {
+        if let Some(h) = self.task.take() {
+            h.abort();
+        }
+        if let Some(lease) = self.lease.take() {
+            dhcp::edge::withdraw(self.link.index, &lease);
+        }
+    }
+}
+
 /// Starts networking on the current tokio runtime.
 pub fn start(cfg: NetConfig, clock: Arc<dyn ClockSetter>) -> Result<NetHandle, NetError> {
     let (tx, rx) = watch::channel(NetStatus {
@@ -287,8 +299,7 @@ impl Orchestrator {
     ) -> Result<(), NetError> {
         let (lease_tx, mut lease_rx) = mpsc::unbounded_channel();
         self.rescan(&lease_tx)?;
-        let mut reach = tokio::time::interval(self.cfg.reachability_interval);
-        reach.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reach = reach_interval(&self.cfg);
         let (reach_tx, mut reach_rx) = mpsc::unbounded_channel();
         loop {
             tokio::select! {
@@ -329,8 +340,7 @@ impl Orchestrator {
                 }
                 Some((cfg, done)) = control.recv() => {
                     self.reconfigure(cfg, &lease_tx)?;
-                    reach = tokio::time::interval(self.cfg.reachability_interval);
-                    reach.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    reach = reach_interval(&self.cfg);
                     let _ = done.send(());
                 }
             }
@@ -349,14 +359,9 @@ impl Orchestrator {
             .map(|t| t.link.index)
             .collect();
         for index in dropped {
-            if let Some(t) = self.tracked.remove(&index) {
+            if let Some(mut t) = self.tracked.remove(&index) {
                 tracing::info!(link = %t.link.name, "no longer managed: dropping its DHCP lease");
-                if let Some(h) = t.task {
-                    h.abort();
-                }
-                if let Some(lease) = t.lease {
-                    dhcp::edge::withdraw(index, &lease);
-                }
+                t.stop_dhcp();
             }
         }
         if !cfg.set_clock || self.clock_task.is_none() || clock_settings_differ(&self.cfg, &cfg) {
@@ -452,12 +457,7 @@ impl Orchestrator {
             }));
         } else if !l.carrier && running {
             tracing::info!(link = %l.name, "carrier lost: dropping the DHCP lease");
-            if let Some(h) = t.task.take() {
-                h.abort();
-            }
-            if let Some(lease) = t.lease.take() {
-                dhcp::edge::withdraw(l.index, &lease);
-            }
+            t.stop_dhcp();
             self.publish_leases();
         }
         Ok(())
@@ -583,6 +583,13 @@ impl Orchestrator {
         }
         Ok(())
     }
+}
+
+/// The reachability check's timer; its first tick is at once.
+fn reach_interval(cfg: &NetConfig) -> tokio::time::Interval {
+    let mut reach = tokio::time::interval(cfg.reachability_interval);
+    reach.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reach
 }
 
 fn clock_settings_differ(a: &NetConfig, b: &NetConfig) -> bool {
